@@ -1,0 +1,30 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install detkit into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SHAPES := data/shapes
+
+.PHONY: venv test test-fast demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py --data $(SHAPES) --work-dir work_dirs/demo
+
+clean:
+	rm -rf $(VENV) work_dirs demo_out .pytest_cache

@@ -1,0 +1,111 @@
+"""The one small base class of every detkit detector: normalise, pad, and map results back.
+
+A detector is called ``model(images, targets=None)`` with ``images`` a list of Float[3,Hi,Wi]
+RGB tensors in [0, 1] (the data pipeline's output, not yet normalised or padded):
+
+* training: ``targets`` is required; returns ``dict[str, Tensor]`` of weighted ``loss_*`` terms;
+* evaluation: returns one dict per image with ``boxes`` Float[K,4] xyxy, ``scores`` Float[K],
+  ``labels`` Int64[K] (and ``sem_seg`` for segmentors). When ``targets`` (or plain meta dicts
+  with ``scale``/``offset``/``orig_size``) are given, boxes are mapped back to original-image
+  pixels; otherwise they are in the pixels of the images passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...registry import BACKBONES, NECKS, ConfigError, check_kwargs
+from ...structures import ImageList, ShapeSpec, boxes_to_original
+
+__all__ = ["Detector", "build_backbone_and_neck"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Detector(nn.Module):
+    """Base: pixel normalisation, padding to ``size_divisibility``, result mapping."""
+
+    def __init__(self, *, pixel_mean: Sequence[float] = IMAGENET_MEAN,
+                 pixel_std: Sequence[float] = IMAGENET_STD, size_divisibility: int = 32):
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1),
+                             persistent=False)
+        self.size_divisibility = int(size_divisibility)
+
+    def preprocess(self, images: Sequence[Tensor]) -> ImageList:
+        """Normalise each Float[3,Hi,Wi] image and pad the batch; returns an ImageList."""
+        if isinstance(images, Tensor) and images.dim() == 4:
+            images = list(images)
+        if len(images) == 0:
+            raise ValueError("detector called with an empty list of images")
+        normed = []
+        for i, im in enumerate(images):
+            if im.dim() != 3 or im.shape[0] != 3:
+                raise ValueError(f"image {i}: expected Float[3,H,W], got shape {tuple(im.shape)}")
+            normed.append((im.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(normed, self.size_divisibility)
+
+    @staticmethod
+    def check_targets(targets, num_images: int) -> None:
+        if targets is None:
+            raise ValueError("training mode needs targets (a list with one dict per image)")
+        if len(targets) != num_images:
+            raise ValueError(f"got {num_images} images but {len(targets)} targets")
+        for i, t in enumerate(targets):
+            boxes = t.get("boxes")
+            if boxes is None or boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"target {i}: 'boxes' must be Float[N,4], got "
+                                 f"{None if boxes is None else tuple(boxes.shape)}")
+            if not torch.isfinite(boxes).all():
+                raise ValueError(f"target {i} (image_id {t.get('image_id')}): non-finite box values")
+
+    def forward(self, images: Sequence[Tensor], targets: list[dict] | None = None):
+        batch = self.preprocess(images)
+        if self.training:
+            self.check_targets(targets, len(batch))
+            device = batch.tensor.device
+            targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()}
+                       for t in targets]
+            return self.forward_train(batch, targets)
+        results = self.forward_test(batch)
+        if targets is not None:
+            results = [self.map_to_original(r, meta) for r, meta in zip(results, targets)]
+        return results
+
+    @staticmethod
+    def map_to_original(result: dict, meta: dict) -> dict:
+        if "boxes" in result:
+            result = dict(result, boxes=boxes_to_original(result["boxes"], meta))
+        return result
+
+    def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward_test(self, batch: ImageList) -> list[dict]:
+        raise NotImplementedError
+
+
+def build_backbone_and_neck(cfg: dict, path: str) -> tuple[nn.Module, nn.Module | None, dict[str, ShapeSpec]]:
+    """Build ``cfg['backbone']`` and optional ``cfg['neck']``; returns them and the output shapes."""
+    if "backbone" not in cfg:
+        raise ConfigError(f"{path}: missing 'backbone'")
+    backbone = BACKBONES.build(cfg["backbone"], f"{path}.backbone")
+    shapes = backbone.output_shape()
+    neck = None
+    if cfg.get("neck") is not None:
+        neck = NECKS.build(cfg["neck"], f"{path}.neck", input_shapes=shapes)
+        shapes = neck.output_shape()
+    return backbone, neck, shapes
+
+
+def base_kwargs(cfg: dict, path: str, owner: str, component_keys: Sequence[str]) -> dict:
+    """The keys of a detector config that are not components, checked against ``Detector``."""
+    rest = {k: v for k, v in cfg.items() if k not in component_keys}
+    check_kwargs(Detector.__init__, rest, path, owner)
+    return rest
