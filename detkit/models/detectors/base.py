@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ...registry import BACKBONES, NECKS, ConfigError, check_kwargs
 from ...structures import ImageList, ShapeSpec, boxes_to_original
+from ..multiscale import MultiScaleTrain, TestTimeAug
 
 __all__ = ["Detector", "build_backbone_and_neck"]
 
@@ -27,11 +28,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Detector(nn.Module):
-    """Base: pixel normalisation, padding to ``size_divisibility``, result mapping."""
+    """Base: pixel normalisation, padding to ``size_divisibility``, result mapping.
+
+    ``multiscale_train`` (``{short_edges: [...], max_size}``) resizes each training batch to a
+    random size; ``test_time_aug`` (``{scales: [...], flip, merge: nms|wbf, iou_thr}``) runs
+    evaluation on several views and merges them (see ``detkit/models/multiscale.py``).
+    """
 
     def __init__(self, *, pixel_mean: Sequence[float] = IMAGENET_MEAN,
-                 pixel_std: Sequence[float] = IMAGENET_STD, size_divisibility: int = 32):
+                 pixel_std: Sequence[float] = IMAGENET_STD, size_divisibility: int = 32,
+                 multiscale_train: dict | None = None, test_time_aug: dict | None = None):
         super().__init__()
+        self.multiscale_train = MultiScaleTrain(**multiscale_train) if multiscale_train else None
+        self.test_time_aug = TestTimeAug(**test_time_aug) if test_time_aug else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1),
@@ -66,14 +75,19 @@ class Detector(nn.Module):
                 raise ValueError(f"target {i} (image_id {t.get('image_id')}): non-finite box values")
 
     def forward(self, images: Sequence[Tensor], targets: list[dict] | None = None):
-        batch = self.preprocess(images)
         if self.training:
-            self.check_targets(targets, len(batch))
+            self.check_targets(targets, len(images))
+            if self.multiscale_train is not None:
+                images, targets = self.multiscale_train(list(images), targets)
+            batch = self.preprocess(images)
             device = batch.tensor.device
             targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()}
                        for t in targets]
             return self.forward_train(batch, targets)
-        results = self.forward_test(batch)
+        if self.test_time_aug is not None:
+            results = self.test_time_aug(lambda views: self.forward_test(self.preprocess(views)), list(images))
+        else:
+            results = self.forward_test(self.preprocess(images))
         if targets is not None:
             results = [self.map_to_original(r, meta) for r, meta in zip(results, targets)]
         return results

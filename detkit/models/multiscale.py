@@ -1,0 +1,167 @@
+"""Image-pyramid methods for every detector: batch multi-scale training and test-time augmentation.
+
+Legend: K boxes, T augmented views of one image.
+
+* ``multiscale_train``: each training iteration draws one short-edge size from a list and resizes
+  the whole batch (images and boxes) to it before the model sees it, the "random input size per
+  batch" of YOLOv2/v3. (Per-*image* random sizes are the data pipeline's ``ResizeShortestEdge``
+  with a list of sizes.)
+* ``test_time_aug``: the model runs on several scales (factors of the pipeline's output size) and,
+  optionally, on the horizontal mirror of each; predictions are mapped back to the un-augmented
+  image and merged per class by NMS or by weighted boxes fusion (Solovyev et al., 2021).
+
+Both are keys of a detector config (``model.multiscale_train`` / ``model.test_time_aug``), handled
+by the ``Detector`` base class, so every detector gets them.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import batched_nms, box_iou
+
+__all__ = ["MultiScaleTrain", "TestTimeAug", "weighted_boxes_fusion", "flip_boxes"]
+
+
+def flip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Mirror Float[K,4] xyxy boxes horizontally inside an image of ``width`` pixels."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def _resize(image: Tensor, factor: float) -> Tensor:
+    if factor == 1.0:
+        return image
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+class MultiScaleTrain:
+    """Resize each training batch to a random short edge from ``short_edges`` (long edge capped)."""
+
+    def __init__(self, *, short_edges: Sequence[int], max_size: int | None = None, seed: int | None = None):
+        if not short_edges:
+            raise ValueError("multiscale_train.short_edges must list at least one size")
+        self.short_edges = [int(s) for s in short_edges]
+        self.max_size = max_size
+        self.rng = random.Random(seed)
+
+    def __call__(self, images: list[Tensor], targets: list[dict]) -> tuple[list[Tensor], list[dict]]:
+        short = self.rng.choice(self.short_edges)
+        out_images, out_targets = [], []
+        for image, target in zip(images, targets):
+            h, w = image.shape[-2:]
+            factor = short / min(h, w)
+            if self.max_size is not None:
+                factor = min(factor, self.max_size / max(h, w))
+            resized = _resize(image, factor)
+            sy, sx = resized.shape[-2] / h, resized.shape[-1] / w
+            scale_xyxy = torch.tensor([sx, sy, sx, sy], device=target["boxes"].device)
+            target = dict(target, boxes=target["boxes"] * scale_xyxy)
+            if "scale" in target:
+                target["scale"] = target["scale"] * torch.tensor([sx, sy], device=target["scale"].device)
+                target["offset"] = target.get("offset", torch.zeros(2)) * torch.tensor([sx, sy])
+            if "sem_seg" in target:
+                target["sem_seg"] = F.interpolate(target["sem_seg"][None, None].float(),
+                                                  size=resized.shape[-2:], mode="nearest")[0, 0].long()
+            out_images.append(resized)
+            out_targets.append(target)
+        return out_images, out_targets
+
+
+def weighted_boxes_fusion(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_thr: float,
+                          num_views: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Fuse overlapping same-class boxes from ``num_views`` predictions into score-weighted means.
+
+    Boxes are visited by descending score; each joins the first cluster of its class whose fused
+    box overlaps it by more than ``iou_thr``, else starts a cluster. A cluster's box is the
+    score-weighted mean of its members; its score is their mean score times
+    ``min(members, num_views) / num_views``, so a box that only one view found is down-weighted.
+    """
+    order = torch.argsort(scores, descending=True)
+    fused_boxes: list[Tensor] = []
+    members: list[list[int]] = []
+    cluster_labels: list[int] = []
+    for idx in order.tolist():
+        label = int(labels[idx])
+        best, best_iou = -1, iou_thr
+        for c, fused in enumerate(fused_boxes):
+            if cluster_labels[c] != label:
+                continue
+            iou = box_iou(fused[None], boxes[idx][None])[0, 0].item()
+            if iou > best_iou:
+                best, best_iou = c, iou
+        if best < 0:
+            fused_boxes.append(boxes[idx].clone())
+            members.append([idx])
+            cluster_labels.append(label)
+        else:
+            members[best].append(idx)
+            w = scores[members[best]]
+            fused_boxes[best] = (boxes[members[best]] * w[:, None]).sum(0) / w.sum()
+    if not fused_boxes:
+        return boxes.new_zeros(0, 4), scores.new_zeros(0), labels.new_zeros(0)
+    out_scores = torch.stack([scores[m].mean() * min(len(m), num_views) / num_views for m in members])
+    return torch.stack(fused_boxes), out_scores, torch.tensor(cluster_labels, dtype=labels.dtype,
+                                                              device=labels.device)
+
+
+class TestTimeAug:
+    """Run ``predict_fn`` on scaled / flipped views of each image and merge the predictions."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, *, scales: Sequence[float] = (1.0,), flip: bool = False, merge: str = "nms",
+                 iou_thr: float = 0.55, max_detections: int = 100):
+        if merge not in ("nms", "wbf"):
+            raise ValueError(f"test_time_aug.merge must be 'nms' or 'wbf', got '{merge}'")
+        self.scales = [float(s) for s in scales]
+        self.flip = bool(flip)
+        self.merge = merge
+        self.iou_thr = iou_thr
+        self.max_detections = max_detections
+
+    def views(self) -> list[tuple[float, bool]]:
+        return [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
+
+    def __call__(self, predict_fn, images: list[Tensor]) -> list[dict]:
+        """``predict_fn(list[Tensor]) -> list[dict]`` with boxes in the pixels of the images given."""
+        views = self.views()
+        per_view = []
+        for factor, flipped in views:
+            batch = [_resize(im, factor) for im in images]
+            if flipped:
+                batch = [im.flip(-1) for im in batch]
+            preds = predict_fn(batch)
+            if flipped:
+                preds = [dict(p, boxes=flip_boxes(p["boxes"], im.shape[-1])) for p, im in zip(preds, batch)]
+            per_view.append([self._unscale(p, im_scaled, im_orig)
+                             for p, im_scaled, im_orig in zip(preds, batch, images)])
+        if len(views) == 1:
+            return per_view[0]
+        return [self._merge([v[i] for v in per_view], len(views)) for i in range(len(images))]
+
+    @staticmethod
+    def _unscale(pred: dict, scaled: Tensor, original: Tensor) -> dict:
+        sy = scaled.shape[-2] / original.shape[-2]
+        sx = scaled.shape[-1] / original.shape[-1]
+        if sx == 1.0 and sy == 1.0:
+            return pred
+        div = torch.tensor([sx, sy, sx, sy], device=pred["boxes"].device, dtype=pred["boxes"].dtype)
+        return dict(pred, boxes=pred["boxes"] / div)
+
+    def _merge(self, preds: list[dict], num_views: int) -> dict:
+        boxes = torch.cat([p["boxes"] for p in preds])
+        scores = torch.cat([p["scores"] for p in preds])
+        labels = torch.cat([p["labels"] for p in preds])
+        if self.merge == "wbf":
+            boxes, scores, labels = weighted_boxes_fusion(boxes, scores, labels, iou_thr=self.iou_thr,
+                                                          num_views=num_views)
+            keep = torch.argsort(scores, descending=True)[: self.max_detections]
+        else:
+            keep = batched_nms(boxes, scores, labels, self.iou_thr)[: self.max_detections]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
