@@ -1,0 +1,94 @@
+"""SPP-net spatial pyramid pooling (He et al., ECCV 2014): fixed-length vectors from any size.
+
+Legend: B images, C channels, K RoIs, L = sum(b * b for b in bins) bins in total.
+
+A feature map (or each RoI on it) is max-pooled into b x b bins for every pyramid level b and the
+results are flattened and concatenated: C x L values whatever the input size, which is what let
+SPP-net feed arbitrary-sized images (and arbitrary RoIs) into fully connected layers. Bin
+boundaries are floor(i * H / b) .. ceil((i + 1) * H / b), the paper's windows, which is exactly
+``adaptive_max_pool2d`` for whole maps and ``torchvision.ops.roi_pool`` for RoIs (Fast R-CNN's
+RoI pooling is the one-level case of SPP).
+
+``SPPRoIPool`` has the call signature of ``torchvision.ops.MultiScaleRoIAlign``
+(``features, proposals, image_sizes``) so it can replace it as a two-stage detector's RoI feature
+extractor; on an FPN each RoI is pooled from one level chosen by the FPN paper's rule
+``k = floor(k0 + log2(sqrt(w * h) / 224))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_pool
+
+__all__ = ["SpatialPyramidPool", "SPPRoIPool", "fpn_level_of_boxes"]
+
+
+class SpatialPyramidPool(nn.Module):
+    """Float[B,C,H,W] -> Float[B, C * L]: max-pool into each b x b grid, flatten, concatenate."""
+
+    def __init__(self, *, bins: Sequence[int] = (1, 2, 4)):
+        super().__init__()
+        if not bins or any(int(b) < 1 for b in bins):
+            raise ValueError(f"SPP bins must be positive integers, got {list(bins)}")
+        self.bins = [int(b) for b in bins]
+
+    def output_dim(self, channels: int) -> int:
+        return channels * sum(b * b for b in self.bins)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in self.bins], dim=1)
+
+
+def fpn_level_of_boxes(boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224.0,
+                       canonical_level: int = 4) -> Tensor:
+    """FPN paper eq. 1: Int64[K] level in [min_level, max_level] for Float[K,4] xyxy boxes."""
+    size = ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)).sqrt()
+    level = torch.floor(canonical_level + torch.log2(size / canonical_size + 1e-6))
+    return level.clamp(min_level, max_level).to(torch.int64)
+
+
+class SPPRoIPool(nn.Module):
+    """Pool each RoI into every b x b grid of ``bins``: -> Float[K, C * L], ordered like the input.
+
+    ``featmap_names`` are the feature levels to pool from; their strides are read from the
+    feature sizes relative to the (padded) image, as MultiScaleRoIAlign does.
+    """
+
+    def __init__(self, *, featmap_names: Sequence[str], bins: Sequence[int] = (1, 2, 4),
+                 canonical_size: float = 224.0, canonical_level: int = 4):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.spp = SpatialPyramidPool(bins=bins)
+        self.bins = self.spp.bins
+        self.canonical_size, self.canonical_level = canonical_size, canonical_level
+
+    def output_dim(self, channels: int) -> int:
+        return self.spp.output_dim(channels)
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
+                image_sizes: list[tuple[int, int]]) -> Tensor:
+        feats = [features[name] for name in self.featmap_names]
+        padded_h = max(h for h, _ in image_sizes)
+        scales = [2.0 ** round(math.log2(f.shape[-2] / padded_h)) for f in feats]
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        channels = feats[0].shape[1]
+        out = rois.new_zeros(rois.shape[0], self.output_dim(channels), dtype=feats[0].dtype)
+        if len(feats) == 1:
+            return self._pool(feats[0], rois, scales[0])
+        levels = -torch.log2(torch.tensor(scales)).round().to(torch.int64)  # stride exponents
+        assigned = fpn_level_of_boxes(rois[:, 1:], int(levels.min()), int(levels.max()),
+                                      self.canonical_size, self.canonical_level)
+        for feat, scale, level in zip(feats, scales, levels.tolist()):
+            idx = torch.where(assigned == level)[0]
+            if idx.numel():
+                out[idx] = self._pool(feat, rois[idx], scale)
+        return out
+
+    def _pool(self, feat: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return torch.cat([roi_pool(feat, rois, output_size=b, spatial_scale=scale).flatten(1)
+                          for b in self.bins], dim=1)

@@ -1,0 +1,50 @@
+"""SPP-net pooling: fixed output length for any size, and the paper's max-pool bins by hand."""
+
+import pytest
+import torch
+
+from detkit.models.spp_pool import SPPRoIPool, SpatialPyramidPool, fpn_level_of_boxes
+
+
+@pytest.mark.parametrize("size", [(5, 7), (13, 13), (32, 20)])
+def test_output_length_is_fixed(size):
+    spp = SpatialPyramidPool(bins=[1, 2, 4])
+    out = spp(torch.randn(2, 6, *size))
+    assert out.shape == (2, 6 * (1 + 4 + 16)) == (2, spp.output_dim(6))
+
+
+def test_matches_hand_computed_max_pool():
+    x = torch.arange(16.0).view(1, 1, 4, 4)  # rows 0..3 of [4r, 4r+1, 4r+2, 4r+3]
+    out = SpatialPyramidPool(bins=[1, 2])(x)[0]
+    # 1x1 bin: max 15; 2x2 bins: maxima of the four 2x2 quadrants
+    assert out.tolist() == [15.0, 5.0, 7.0, 13.0, 15.0]
+    odd = torch.tensor([[1.0, 9.0, 2.0], [3.0, 4.0, 8.0], [7.0, 0.0, 5.0]]).view(1, 1, 3, 3)
+    # 2x2 bins on 3x3: windows rows/cols [0,2) and [1,3) (floor/ceil), overlapping in the middle
+    assert SpatialPyramidPool(bins=[2])(odd)[0].tolist() == [9.0, 9.0, 7.0, 8.0]
+
+
+def test_roi_pool_fixed_length_and_values():
+    feat = torch.arange(64.0).view(1, 1, 8, 8)
+    pool = SPPRoIPool(featmap_names=["p"], bins=[1, 2])
+    # stride 2; torchvision's roi_pool (Fast R-CNN convention) rounds box / 2 to cells, inclusive
+    boxes = [torch.tensor([[0.0, 0.0, 14.0, 14.0], [4.0, 4.0, 10.0, 10.0]])]
+    out = pool({"p": feat}, boxes, [(16, 16)])
+    assert out.shape == (2, 5)
+    # RoI 1 = cells 0..7 x 0..7 (the whole map): max 63, quadrant maxima 27, 31, 59, 63
+    assert out[0].tolist() == [63.0, 27.0, 31.0, 59.0, 63.0]
+    # RoI 2 = cells 2..5 x 2..5: max 45 (row 5, col 5); 2x2 bins of 2x2 cells each
+    assert out[1].tolist() == [45.0, 27.0, 29.0, 43.0, 45.0]
+
+
+def test_fpn_level_rule_and_multi_level_routing():
+    boxes = torch.tensor([[0.0, 0.0, 224.0, 224.0], [0.0, 0.0, 56.0, 56.0], [0.0, 0.0, 900.0, 900.0]])
+    assert fpn_level_of_boxes(boxes, 2, 5).tolist() == [4, 2, 5]
+    feats = {"p2": torch.zeros(1, 2, 64, 64), "p3": torch.ones(1, 2, 32, 32)}
+    pool = SPPRoIPool(featmap_names=["p2", "p3"], bins=[1])
+    out = pool(feats, [torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 200.0, 200.0]])], [(256, 256)])
+    assert out[:, 0].tolist() == [0.0, 1.0]  # the small box pooled from p2, the large one from p3
+
+
+def test_bad_bins():
+    with pytest.raises(ValueError, match="bins"):
+        SpatialPyramidPool(bins=[0, 2])
