@@ -5,7 +5,7 @@ Public API::
     import detkit
     cfg = detkit.load_config("configs/centernet/centernet_r18_shapes.yaml", ["train.max_iters=100"])
     model = detkit.build_model(cfg["model"])
-    dataset = detkit.build_dataset(cfg["data"]["val"])
+    dataset = detkit.build_dataset(cfg["data"]["val"], root=cfg["data"].get("root"))
     predictor = detkit.Predictor(cfg, "work_dirs/x/last.pth")
 """
 

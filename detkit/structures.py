@@ -80,6 +80,8 @@ def boxes_to_original(boxes: Tensor, meta: dict) -> Tensor:
         if scale.numel() == 1:
             scale = scale.repeat(2)
         out = (boxes - offset.repeat(2)) / scale.repeat(2)
+        # a negative scale (a horizontal / vertical flip) swaps the corners back into order
+        out = torch.cat([torch.minimum(out[:, :2], out[:, 2:]), torch.maximum(out[:, :2], out[:, 2:])], dim=1)
     if "orig_size" in meta:
         h0, w0 = (int(v) for v in meta["orig_size"])
         out = clip_boxes_to_image(out, (h0, w0))

@@ -32,3 +32,10 @@ def test_boxes_to_original_inverts_letterbox():
 def test_boxes_to_original_without_scale_is_identity():
     boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert torch.equal(boxes_to_original(boxes, {}), boxes)
+
+
+def test_boxes_to_original_undoes_a_flip():
+    # a horizontal flip of a 100-px-wide image is x' = -x + 100: scale -1, offset 100
+    meta = {"scale": torch.tensor([-1.0, 1.0]), "offset": torch.tensor([100.0, 0.0])}
+    flipped = torch.tensor([[70.0, 5.0, 90.0, 25.0]])  # original box 10..30
+    assert torch.equal(boxes_to_original(flipped, meta), torch.tensor([[10.0, 5.0, 30.0, 25.0]]))
