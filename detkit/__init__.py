@@ -23,6 +23,7 @@ _LAZY = {
     "build_dataloader": "detkit.data",
     "build_evaluator": "detkit.evaluation",
     "Predictor": "detkit.inference",
+    "train": "detkit.engine",
 }
 
 __all__ = ["__version__", "ConfigError", "load_config", *_LAZY]

@@ -1,0 +1,248 @@
+"""Checkpoint files: atomic writes, safe loads, resume fallback, weight loading with shape reports.
+
+A checkpoint is a dict of tensors and primitive containers only (no pickled classes) so that
+``torch.load(weights_only=True)`` reads it. Training checkpoints hold::
+
+    model, optimizer, scheduler, scaler, ema (weights, optional), ema_updates, iter, epoch,
+    sampler {epoch, batches_consumed}, rng [per rank: python, numpy, torch, cuda (own device)],
+    best {metric, value, iter}, skipped_steps, world_size, detkit_version, config (YAML text)
+
+``model`` always holds the trained (non-averaged) weights; when EMA is on, ``ema`` holds the
+averaged weights that evaluation used. :func:`inference_state_dict` picks the right one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "save_checkpoint", "atomic_write_bytes", "load_checkpoint",
+           "resume_candidates", "load_resume_checkpoint", "prune_iter_checkpoints",
+           "load_model_weights", "inference_state_dict", "get_rng_state", "set_rng_state",
+           "remove_stale_temporaries"]
+
+ITER_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or whose weights do not fit the model."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one.
+
+    Temporary file in the same directory -> fsync -> ``os.replace`` (atomic on POSIX and
+    Windows) -> fsync of the directory so the rename itself survives a power loss.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temporaries(work_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed save left behind (never a finished checkpoint)."""
+    stale = list(Path(work_dir).glob(".*.pth.tmp.*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def save_checkpoint(state: dict, paths: Iterable[str | os.PathLike]) -> None:
+    """Serialise ``state`` once and write it atomically to every path in ``paths``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    for path in paths:
+        atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the likely cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors all mean "unreadable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("it holds objects other than tensors and plain containers (weights_only refused "
+                "them)" if "weights_only" in str(e) or "Unsupported global" in str(e)
+                else "the file is truncated or corrupt (e.g. a copy or save was interrupted)")
+        raise CheckpointError(f"cannot read checkpoint {path} ({size} bytes): {hint}: "
+                              f"{type(e).__name__}: {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def resume_candidates(work_dir: str | os.PathLike) -> list[Path]:
+    """``last.pth`` then ``iter_N.pth`` newest first: the order in which ``--resume`` tries them."""
+    work_dir = Path(work_dir)
+    found = []
+    if (work_dir / "last.pth").is_file():
+        found.append(work_dir / "last.pth")
+    iters = []
+    for p in work_dir.glob("iter_*.pth"):
+        m = ITER_PATTERN.match(p.name)
+        if m:
+            iters.append((int(m.group(1)), p))
+    found += [p for _, p in sorted(iters, reverse=True)]
+    return found
+
+
+def load_resume_checkpoint(work_dir: str | os.PathLike, explicit: str | os.PathLike | None = None,
+                           log=print) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, or None when the work dir has none.
+
+    With ``explicit`` that file must load. Otherwise each of :func:`resume_candidates` is tried
+    in order; an unreadable one is reported through ``log`` and the next older one is used.
+    """
+    if explicit is not None:
+        return Path(explicit), _check_resumable(load_checkpoint(explicit), explicit)
+    candidates = resume_candidates(work_dir)
+    if not candidates:
+        return None
+    errors = []
+    for path in candidates:
+        try:
+            ckpt = _check_resumable(load_checkpoint(path), path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            log(f"WARNING: {e}; falling back to an older checkpoint")
+            continue
+        if errors:
+            log(f"resuming from {path} (iteration {ckpt['iter']}) instead")
+        return path, ckpt
+    raise CheckpointError("no readable checkpoint to resume from in "
+                          f"{work_dir}:\n  " + "\n  ".join(errors))
+
+
+def _check_resumable(ckpt: dict, path) -> dict:
+    missing = [k for k in ("model", "optimizer", "iter") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed from: it lacks "
+                              f"{', '.join(missing)} (a weights-only file? use train.load_from)")
+    return ckpt
+
+
+def prune_iter_checkpoints(work_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``iter_N.pth``; returns the deleted paths."""
+    iters = sorted((int(m.group(1)), p) for p in Path(work_dir).glob("iter_*.pth")
+                   if (m := ITER_PATTERN.match(p.name)))
+    doomed = [p for _, p in iters[: max(len(iters) - keep, 0)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def inference_state_dict(ckpt: dict) -> dict:
+    """The weights to predict with: EMA when the checkpoint has them, else ``model``; a bare
+    state_dict is returned as is."""
+    if isinstance(ckpt.get("ema"), dict) and ckpt["ema"]:
+        return ckpt["ema"]
+    if isinstance(ckpt.get("model"), dict):
+        return ckpt["model"]
+    return ckpt
+
+
+def _strip_prefix(state: dict) -> dict:
+    # Weights saved from a DDP-wrapped or torch.compile'd model carry these prefixes.
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_model_weights(model: nn.Module, state: dict, *, source: str = "checkpoint",
+                       allow_mismatch: bool = False, log=print) -> dict[str, list]:
+    """Load ``state`` into ``model``, reporting keys whose shapes differ (e.g. another class count).
+
+    ``allow_mismatch=False``: any shape mismatch, missing or unexpected key is a CheckpointError
+    listing them. ``allow_mismatch=True`` (fine-tuning with ``load_from``): matching tensors are
+    loaded; mismatching layers keep the fresh initialisation of the newly built model and are
+    named through ``log``, as are missing/unexpected keys. Returns the three key lists.
+    """
+    state = _strip_prefix(dict(state))
+    own = model.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    loadable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    lines = [f"  {k}: {source} {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+    if not allow_mismatch and (mismatched or missing or unexpected):
+        msg = [f"weights in {source} do not fit the model:"]
+        if mismatched:
+            msg += ["shape mismatch (a different num_classes?):", *lines]
+        if missing:
+            msg.append(f"missing in {source}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            msg.append(f"not in the model: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+        if mismatched:
+            msg.append("to fine-tune on another class count, use train.load_from (mismatching "
+                       "layers are re-initialised)")
+        raise CheckpointError("\n".join(msg))
+    model.load_state_dict(loadable, strict=False)
+    if mismatched:
+        layers = sorted({k.rsplit(".", 1)[0] for k, _, _ in mismatched})
+        log(f"load_from {source}: re-initialised layers with mismatching shapes: {', '.join(layers)}\n"
+            + "\n".join(lines))
+    if missing:
+        log(f"load_from {source}: {len(missing)} model keys not in the file (kept their "
+            f"initialisation): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        log(f"load_from {source}: {len(unexpected)} keys in the file ignored: "
+            f"{', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    return {"mismatched": [k for k, _, _ in mismatched], "missing": missing, "unexpected": unexpected}
+
+
+def get_rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, CUDA) as tensors and primitives."""
+    np_state = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's device only: get_rng_state_all() would open a context on every GPU.
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` returned (the CUDA state into the current device)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda.cpu())

@@ -1,0 +1,378 @@
+"""The training loop: DDP, AMP, gradient accumulation, EMA, periodic evaluation, checkpoints.
+
+An *iteration* is one optimizer step; with ``accumulate: K`` it consumes K loader batches, so
+``accumulate: 2`` at batch B is the same schedule as batch 2B. An epoch is
+``len(loader) // K`` iterations. ``self.iter`` counts finished iterations (resume starts there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import __version__
+from ..config import dump_config
+from ..registry import ConfigError
+from . import checkpoint as ckpt_io
+from .dist import (all_gather_object, all_reduce_tensor, barrier, broadcast_buffers, broadcast_object,
+                   init_distributed)
+from .ema import ModelEMA
+from .evaluate import build_val, inference_on_loader
+from .logging import TrainLogger, WindowMeter
+from .optim import build_optimizer, build_scheduler
+from .setup import epoch_batches, seed_everything, train_settings
+
+__all__ = ["Trainer", "train"]
+
+
+class Trainer:
+    """Builds everything from a resolved config; :meth:`train` runs to ``max_iters``.
+
+    ``resume``: False (fresh start), True (latest readable checkpoint of ``work_dir``, falling
+    back to older ones; fresh start when there is none) or a checkpoint path.
+    """
+
+    def __init__(self, cfg: dict, work_dir: str | Path, *, resume: bool | str | Path = False,
+                 deterministic: bool = False):
+        from ..models import build_model
+
+        self.cfg, self.work_dir = cfg, Path(work_dir)
+        self.dist = init_distributed()
+        self.device = self.dist.device
+        s = self.settings = train_settings(cfg)
+        s["deterministic"] = bool(s["deterministic"] or deterministic)
+        seed_everything(s["seed"], self.dist.rank, s["deterministic"])
+        if self.dist.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.work_dir / "config.yaml")
+            ckpt_io.remove_stale_temporaries(self.work_dir)
+        epoch_unit = self._build_train_data()
+
+        model = build_model(cfg["model"]).to(self.device)
+        self.model = model = convert_sync_bn(model, s["sync_bn"], self.dist, log=self._log)
+        self.optimizer = build_optimizer(model, s["optimizer"])
+        self.scheduler = build_scheduler(self.optimizer, s["scheduler"], max_iters=self.max_iters,
+                                         iters_per_epoch=epoch_unit)
+        amp = s["amp"]
+        self.amp_dtype = torch.float16 if amp["dtype"] == "float16" else torch.bfloat16
+        self.amp_enabled = bool(amp["enabled"])
+        # float16 needs loss scaling against gradient underflow; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_enabled and self.amp_dtype == torch.float16)
+        self.iter, self.skipped_steps, self.best = 0, 0, None
+        self._meter = WindowMeter()
+        found = self._find_resume(resume) if resume else None
+        if found is None and s["load_from"]:
+            self._load_pretrained(s["load_from"])
+        ema = s["ema"]
+        self.ema = ModelEMA(model, decay=ema["decay"], tau=ema["tau"]) if ema["enabled"] else None
+        if found is not None:
+            self.load_state_dict(found[1], source=found[0])
+            self._log(f"resumed from {found[0]} at iteration {self.iter}")
+        self.ddp_model = model
+        if self.dist.distributed:
+            self.ddp_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(s["find_unused_parameters"]))
+        self.val = build_val(cfg, seed=s["seed"])
+        self.logger = TrainLogger(self.work_dir, enabled=self.dist.is_main,
+                                  max_iters=self.max_iters, start_iter=self.iter)
+
+    def _build_train_data(self) -> int | None:
+        """Train dataset/loader and the iteration counts; returns iterations per schedule epoch
+        (None when ``max_iters`` makes every interval an iteration count)."""
+        from ..data import build_dataloader, build_dataset
+
+        s, data = self.settings, self.cfg.get("data") or {}
+        if data.get("train") is None:
+            raise ConfigError("data.train: missing (the training split)")
+        self.train_set = build_dataset(data["train"], root=data.get("root"), path="data.train")
+        self.train_loader = build_dataloader(data["train"], self.train_set, train=True, seed=s["seed"])
+        self.accumulate = int(s["accumulate"])
+        self.iters_per_epoch = len(self.train_loader) // self.accumulate
+        if self.iters_per_epoch < 1:
+            raise ConfigError(f"data.train: {len(self.train_loader)} batches per process is fewer than "
+                              f"train.accumulate={self.accumulate}; use more data or smaller batches")
+        epoch_based = s["max_iters"] is None
+        unit = self.iters_per_epoch if epoch_based else 1
+        self.max_iters = int(s["max_epochs"]) * unit if epoch_based else int(s["max_iters"])
+        self.eval_every = int(s["eval_interval"]) * unit
+        self.ckpt_every = int(s["checkpoint"]["interval"]) * unit
+        return unit if epoch_based else None
+
+    # ---------------------------------------------------------------- one iteration
+    def run_step(self, batches: list) -> dict[str, float]:
+        """One optimizer step over K micro-batches: autocast -> sum(losses) -> scaled backward -> step."""
+        self.ddp_model.train()
+        losses_sum: dict[str, float] = {}
+        for k, (images, targets) in enumerate(batches):
+            images = [im.to(self.device, non_blocking=True) for im in images]
+            # DDP all-reduces gradients only on the last micro-batch of the accumulation.
+            sync = k == len(batches) - 1 or not self.dist.distributed
+            with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
+                    losses = self.ddp_model(images, targets)
+                reduced = self._reduce_and_check(losses)
+                total = sum(losses.values())
+                self.scaler.scale(total / len(batches)).backward()
+            for name, value in reduced.items():
+                losses_sum[name] = losses_sum.get(name, 0.0) + value / len(batches)
+        grad_norm, stepped = self._optimizer_step()
+        self._last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
+        self.scheduler.step()
+        if stepped and self.ema is not None:
+            self.ema.update(self.model)
+        losses_sum["loss"] = sum(losses_sum.values())
+        return {**losses_sum, "grad_norm": grad_norm}
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """Unscale, clip, step unless gradients are inf/NaN (then count a skipped step)."""
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = total_norm(grads)
+        clip = self.settings["clip_grad"]
+        finite = bool(torch.isfinite(norm))
+        if clip is not None and finite:
+            torch._foreach_mul_(grads, (float(clip["max_norm"]) / (norm + 1e-6)).clamp(max=1.0))
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the step itself when it found inf/NaN
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # the scale only shrinks after a skip
+        else:
+            stepped = finite
+            if stepped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += int(not stepped)
+        return float(norm), stepped
+
+    def _reduce_and_check(self, losses: dict) -> dict[str, float]:
+        """Rank-averaged loss values; a non-finite term stops every rank at this iteration.
+
+        The average is NaN/inf on every rank when any rank has a NaN/inf term, so all ranks
+        raise together before ``backward`` (none is left waiting in a gradient all-reduce).
+        """
+        names = sorted(losses)
+        stacked = torch.stack([losses[n].detach().float() for n in names])
+        reduced = all_reduce_tensor(stacked, op="mean").cpu()
+        if not torch.isfinite(reduced).all():
+            local_bad = [n for n in names if not torch.isfinite(losses[n]).all()]
+            per_rank = all_gather_object(local_bad)
+            bad = sorted({n for r in per_rank for n in r})
+            where = ", ".join(f"rank {r}: {b}" for r, b in enumerate(per_rank) if b)
+            raise FloatingPointError(
+                f"non-finite loss at iteration {self.iter + 1} (epoch {self.iter // self.iters_per_epoch}): "
+                f"{', '.join(f'{n}={reduced[names.index(n)].item()}' for n in bad)} ({where}). "
+                f"Training stopped on every rank before the update; the last checkpoint holds the "
+                f"last finite weights. Lower the lr, raise warmup, or set train.clip_grad.")
+        return {n: float(v) for n, v in zip(names, reduced)}
+
+    # ---------------------------------------------------------------- the loop
+    def train(self, stop_after: int | None = None) -> dict | None:
+        """Train to ``max_iters`` (or ``stop_after`` more iterations, then save and return).
+
+        Returns the last evaluation results (None when there was no evaluation).
+        """
+        end = self.max_iters if stop_after is None else min(self.max_iters, self.iter + stop_after)
+        self.last_eval = None
+        if self.iter >= end:
+            self.logger.info(f"nothing to train: already at iteration {self.iter} of {self.max_iters}")
+            self.logger.close()
+            return None
+        self.logger.info(f"training iterations {self.iter + 1}..{end} of {self.max_iters} "
+                         f"({self.iters_per_epoch} per epoch, {self.dist.world_size} process(es), "
+                         f"device {self.device})")
+        try:
+            while self.iter < end:
+                epoch, done = divmod(self.iter, self.iters_per_epoch)
+                batches = epoch_batches(self.train_loader, epoch, skip=done * self.accumulate)
+                for _ in range(done, self.iters_per_epoch):
+                    t0 = time.perf_counter()
+                    chunk = [next(batches) for _ in range(self.accumulate)]
+                    data_time = time.perf_counter() - t0
+                    scalars = self.run_step(chunk)
+                    self.iter += 1
+                    images = sum(len(b[0]) for b in chunk) * self.dist.world_size
+                    step_time = time.perf_counter() - t0
+                    self._after_step(scalars, data_time, step_time, images, end)
+                    if self.iter >= end:
+                        break
+                del batches  # shuts the epoch's workers down before the next epoch starts them
+        finally:
+            self.logger.close()
+        return self.last_eval
+
+    def _after_step(self, scalars: dict, data_time: float, step_time: float, images: int,
+                    end: int) -> None:
+        it = self.iter
+        self._meter.add({**scalars, "time": step_time, "data_time": data_time,
+                         "images_per_s": images / max(step_time, 1e-9)})
+        self.logger.step()
+        if it % int(self.settings["log_interval"]) == 0 or it == end:
+            window = self._meter.pop()
+            window.update(lr=self._last_lr, skipped_steps=self.skipped_steps)
+            if self.device.type == "cuda":
+                window["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.logger.log_train(it, (it - 1) // self.iters_per_epoch, window)
+        improved = False
+        if self.val is not None and ((self.eval_every > 0 and it % self.eval_every == 0)
+                                     or it == self.max_iters):
+            improved = self._evaluate()
+        if it % self.ckpt_every == 0 or it == end or improved:
+            self.save(last=it % self.ckpt_every == 0 or it == end, best=improved)
+
+    def _evaluate(self) -> bool:
+        """Evaluate the EMA (or plain) weights on every rank; True when the best metric improved."""
+        model = self.ema.module if self.ema is not None else self.model
+        broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
+        _, loader, evaluator = self.val
+        results = inference_on_loader(model, loader, evaluator, self.device)
+        self.last_eval = results
+        self.logger.log_eval(self.iter, (self.iter - 1) // self.iters_per_epoch, results)
+        metric = self.settings["checkpoint"]["best_metric"]
+        if not metric:
+            return False
+        if metric not in results:
+            self.logger.info(f"WARNING: train.checkpoint.best_metric '{metric}' is not among the "
+                             f"evaluation results ({', '.join(results)}); no best.pth is written")
+            return False
+        value = float(results[metric])
+        if self.best is None or value > self.best["value"]:
+            self.best = {"metric": metric, "value": value, "iter": self.iter}
+            return True
+        return False
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly; tensors and primitives only (weights_only)."""
+        done = self.iter % self.iters_per_epoch
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "iter": self.iter,
+            "epoch": self.iter // self.iters_per_epoch,
+            "sampler": {"epoch": self.iter // self.iters_per_epoch,
+                        "batches_consumed": done * self.accumulate,
+                        "iters_per_epoch": self.iters_per_epoch},
+            "rng": all_gather_object(ckpt_io.get_rng_state()),
+            "best": self.best,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.dist.world_size,
+            "meta": {"detkit_version": __version__,
+                     "class_names": list(getattr(self.train_set, "class_names", []) or []),
+                     "label_to_cat_id": list(getattr(self.train_set, "label_to_cat_id", []) or [])},
+            "config": dump_config(self.cfg),
+        }
+
+    def save(self, *, last: bool = True, best: bool = False) -> None:
+        """Write ``last.pth`` (+ ``iter_N.pth`` with retention) and/or ``best.pth`` on rank 0."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():  # never let a checkpoint carry NaN weights
+                raise FloatingPointError(f"parameter {name} is not finite at iteration {self.iter}; "
+                                         f"not saving a checkpoint")
+        state = self.state_dict()  # collective (RNG gather): every rank takes part
+        if self.dist.is_main:
+            keep = int(self.settings["checkpoint"]["keep"])
+            paths = []
+            if last:
+                paths.append(self.work_dir / "last.pth")
+                if keep > 0:
+                    paths.append(self.work_dir / f"iter_{self.iter}.pth")
+            if best:
+                paths.append(self.work_dir / "best.pth")
+            ckpt_io.save_checkpoint(state, paths)
+            if last and keep > 0:
+                ckpt_io.prune_iter_checkpoints(self.work_dir, keep)
+        barrier()
+
+    def _load_pretrained(self, path: str) -> None:
+        ckpt = ckpt_io.load_checkpoint(path)
+        ckpt_io.load_model_weights(self.model, ckpt_io.inference_state_dict(ckpt), source=str(path),
+                                   allow_mismatch=True, log=self._log)
+
+    def _log(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, flush=True)
+
+    def _find_resume(self, resume: bool | str | Path) -> tuple[str, dict] | None:
+        explicit = None if resume is True else resume
+        # Rank 0 chooses (and reports fallbacks once); the others load the file it chose.
+        found = None
+        if self.dist.is_main:
+            try:
+                found = ckpt_io.load_resume_checkpoint(self.work_dir, explicit, log=self._log)
+            except ckpt_io.CheckpointError as e:
+                broadcast_object(f"error: {e}")
+                raise
+        path = broadcast_object(str(found[0]) if found else None)
+        if path is not None and path.startswith("error: "):
+            raise ckpt_io.CheckpointError(f"rank 0 could not resume: {path[7:]}")
+        if path is None:
+            self._log(f"--resume: no checkpoint in {self.work_dir}; starting from scratch")
+            return None
+        return path, (found[1] if found else ckpt_io.load_checkpoint(path))
+
+    def load_state_dict(self, ckpt: dict, source: str = "checkpoint") -> None:
+        ckpt_io.load_model_weights(self.model, ckpt["model"], source=source)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 0))
+            else:
+                self.ema = ModelEMA(self.model, decay=self.ema.decay, tau=self.ema.tau)
+        self.iter = int(ckpt["iter"])
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.best = ckpt.get("best")
+        sampler = ckpt.get("sampler") or {}
+        if sampler.get("iters_per_epoch", self.iters_per_epoch) != self.iters_per_epoch:
+            self._log(f"WARNING: {source} was saved with {sampler['iters_per_epoch']} iterations per "
+                      f"epoch, now {self.iters_per_epoch} (batch size or process count changed): "
+                      f"the data order after resuming differs from an uninterrupted run")
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            ckpt_io.set_rng_state(rng[self.dist.rank])
+        else:
+            self._log(f"WARNING: {source} has RNG states of {len(rng)} processes, now "
+                      f"{self.dist.world_size}: reseeding instead of restoring them")
+            seed_everything(self.settings["seed"] + 1000 * self.iter, self.dist.rank, False)
+
+
+def convert_sync_bn(model: nn.Module, enabled: bool, dist_info, log=print) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when asked for, training with DDP, on GPUs (torch has no CPU kernel)."""
+    if not enabled or not dist_info.distributed:
+        return model
+    if dist_info.device.type == "cpu":
+        log("WARNING: train.sync_bn is ignored on CPU (SyncBatchNorm needs GPUs); BatchNorm "
+            "statistics stay per process")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients together (inf/NaN when any element is); float32 scalar."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def train(cfg: dict, work_dir: str | Path, resume: bool | str | Path = False,
+          deterministic: bool = False, stop_after: int | None = None) -> dict | None:
+    """Build a :class:`Trainer` from a resolved config and train; returns the last evaluation.
+
+    ``stop_after``: leave after this many iterations of this call (saving ``last.pth``), e.g. to
+    fit a time-limited job; ``resume=True`` continues exactly where it stopped.
+    """
+    return Trainer(cfg, work_dir, resume=resume, deterministic=deterministic).train(stop_after)
