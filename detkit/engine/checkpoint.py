@@ -90,7 +90,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors all mean "unreadable"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("it holds objects other than tensors and plain containers (weights_only refused "
-                "them)" if "weights_only" in str(e) or "Unsupported global" in str(e)
+                "them)" if "Unsupported global" in str(e)
                 else "the file is truncated or corrupt (e.g. a copy or save was interrupted)")
         raise CheckpointError(f"cannot read checkpoint {path} ({size} bytes): {hint}: "
                               f"{type(e).__name__}: {reason}") from None
