@@ -28,10 +28,25 @@ def closest(name: str, candidates) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
+    """Keyword parameters of ``fn``; for a class whose ``__init__`` passes ``**kwargs`` on to its
+    base class, the base's parameters too (so typos are caught through one level of subclassing)."""
+    params = dict(inspect.signature(fn).parameters)
+    if inspect.isclass(fn):
+        for base in fn.__mro__[1:]:
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                break
+            if base is object or "__init__" not in vars(base):
+                continue
+            params = {k: p for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+            for name, p in inspect.signature(base.__init__).parameters.items():
+                params.setdefault(name, p)
+    return params
+
+
 def check_kwargs(fn: Callable, kwargs: dict, path: str, owner: str) -> None:
     """Raise ConfigError if ``kwargs`` has a key ``fn`` does not accept, or lacks a required one."""
-    sig = inspect.signature(fn)
-    params = sig.parameters
+    params = _parameters(fn)
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     allowed = [n for n, p in params.items()
                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -69,3 +69,22 @@ def test_global_registries_are_populated():
     import detkit.models  # noqa: F401
     from detkit.registry import DETECTORS
     assert "OneStageDetector" in DETECTORS
+
+
+def test_kwargs_checked_through_subclass_kwargs():
+    reg = Registry("x")
+
+    class Base:
+        def __init__(self, *, alpha: float = 1.0, beta: float = 2.0):
+            self.alpha, self.beta = alpha, beta
+
+    @reg.register()
+    class Child(Base):
+        def __init__(self, *, gamma: int = 0, **kwargs):
+            super().__init__(**kwargs)
+            self.gamma = gamma
+
+    obj = reg.build({"type": "Child", "gamma": 3, "beta": 5.0}, "m")
+    assert (obj.gamma, obj.alpha, obj.beta) == (3, 1.0, 5.0)
+    with pytest.raises(ConfigError, match=r"m\.betta.*did you mean 'beta'"):
+        reg.build({"type": "Child", "betta": 5.0}, "m")
