@@ -1,0 +1,98 @@
+"""Segmentor: backbone -> optional neck -> semantic head (SemanticHead, DeepLabV3Head, ...)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...registry import DETECTORS, HEADS, ConfigError
+from ...structures import ImageList
+from .base import Detector, base_kwargs, build_backbone_and_neck
+
+__all__ = ["Segmentor", "logits_to_original"]
+
+
+def logits_to_original(logits: Tensor, meta: dict) -> Tensor:
+    """Float[K,Hi,Wi] logits of the pipeline's image -> Float[K,H0,W0] of the original image.
+
+    Undoes ``transformed = original * scale + offset``: crops the region the original image
+    occupies (dropping letterbox padding) and resizes it bilinearly to ``orig_size``. Resizing
+    logits before the argmax gives smoother borders than resizing the label map.
+    """
+    if "orig_size" not in meta:
+        return logits
+    h0, w0 = (int(v) for v in meta["orig_size"])
+    if tuple(logits.shape[-2:]) == (h0, w0):
+        return logits
+    sx, sy = (float(v) for v in torch.as_tensor(meta.get("scale", (1.0, 1.0))).reshape(-1).expand(2))
+    ox, oy = (float(v) for v in torch.as_tensor(meta.get("offset", (0.0, 0.0))).reshape(-1))
+    top, left = max(int(round(oy)), 0), max(int(round(ox)), 0)
+    bottom = min(top + max(int(round(h0 * sy)), 1), logits.shape[-2])
+    right = min(left + max(int(round(w0 * sx)), 1), logits.shape[-1])
+    region = logits[None, :, top:bottom, left:right]
+    return F.interpolate(region.float(), size=(h0, w0), mode="bilinear", align_corners=False)[0]
+
+
+@DETECTORS.register()
+class Segmentor(Detector):
+    """Semantic segmentation model; composes parts only, the head holds the loss.
+
+    Config::
+
+        model:
+          type: Segmentor
+          num_classes: 5                  # mask values incl. background (shapes: bg + 4)
+          backbone: {type: ResNet, depth: 18}
+          neck: {type: FPN, out_channels: 128}   # optional (DeepLabV3 uses none)
+          head: {type: SemanticHead}      # gets input_shapes and num_classes
+
+    Training returns ``{"loss_sem_seg": ...}``; evaluation returns per image ``sem_seg``
+    Int64[H0,W0] (original pixels when targets/metas with ``orig_size``/``scale``/``offset`` are
+    passed, else the input image's pixels) and empty ``boxes``/``scores``/``labels``.
+    """
+
+    def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, head: nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, path: str) -> "Segmentor":
+        for key in ("num_classes", "head"):
+            if key not in cfg:
+                raise ConfigError(f"{path}: missing '{key}'")
+        backbone, neck, shapes = build_backbone_and_neck(cfg, path)
+        head = HEADS.build(cfg["head"], f"{path}.head", input_shapes=shapes,
+                           num_classes=int(cfg["num_classes"]))
+        kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes"))
+        return cls(backbone=backbone, neck=neck, head=head, **kwargs)
+
+    def features(self, batch: ImageList) -> dict[str, Tensor]:
+        feats = self.backbone(batch.tensor)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def forward(self, images: Sequence[Tensor], targets: list[dict] | None = None):
+        if self.training:
+            return super().forward(images, targets)
+        batch = self.preprocess(images)
+        logits = self.head.image_logits(self.head(self.features(batch)), batch.image_sizes)
+        metas = targets if targets is not None else [{}] * len(logits)
+        return [self._result(logits_to_original(lg, meta)) for lg, meta in zip(logits, metas)]
+
+    def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
+        return self.head.loss(self.head(self.features(batch)), targets, batch.image_sizes)
+
+    def forward_test(self, batch: ImageList) -> list[dict]:
+        logits = self.head.image_logits(self.head(self.features(batch)), batch.image_sizes)
+        return [self._result(lg) for lg in logits]
+
+    @staticmethod
+    def _result(logits: Tensor) -> dict[str, Tensor]:
+        device = logits.device
+        return {"sem_seg": logits.argmax(0), "boxes": torch.zeros(0, 4, device=device),
+                "scores": torch.zeros(0, device=device),
+                "labels": torch.zeros(0, dtype=torch.int64, device=device)}
