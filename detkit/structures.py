@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, remove_small_boxes
 
 __all__ = ["ShapeSpec", "ImageList", "box_convert", "box_iou", "clip_boxes_to_image",
-           "remove_small_boxes", "boxes_to_original"]
+           "remove_small_boxes", "boxes_to_original", "dense_to_original"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,32 @@ def boxes_to_original(boxes: Tensor, meta: dict) -> Tensor:
         h0, w0 = (int(v) for v in meta["orig_size"])
         out = clip_boxes_to_image(out, (h0, w0))
     return out
+
+
+def dense_to_original(dense: Tensor, meta: dict, mode: str = "nearest-exact") -> Tensor:
+    """Map a dense map [..., Hi, Wi] of the pipeline's output image back to original pixels.
+
+    Undoes ``transformed = original * scale + offset``: crops the region the original image
+    occupies (dropping letterbox padding) and resizes it to ``orig_size`` (H0, W0). Use
+    ``mode="nearest-exact"`` for label maps (labels must not be interpolated) and ``"bilinear"``
+    for logits. Without ``orig_size`` in ``meta`` the map is returned unchanged.
+    """
+    if "orig_size" not in meta:
+        return dense
+    h0, w0 = (int(v) for v in meta["orig_size"])
+    if tuple(dense.shape[-2:]) == (h0, w0):
+        return dense
+    sx, sy = (abs(float(v)) for v in torch.as_tensor(meta.get("scale", (1.0, 1.0))).reshape(-1).expand(2))
+    ox, oy = (float(v) for v in torch.as_tensor(meta.get("offset", (0.0, 0.0))).reshape(-1))
+    top, left = max(int(round(oy)), 0), max(int(round(ox)), 0)
+    bottom = min(top + max(int(round(h0 * sy)), 1), dense.shape[-2])
+    right = min(left + max(int(round(w0 * sx)), 1), dense.shape[-1])
+    region = dense[..., top:bottom, left:right]
+    if tuple(region.shape[-2:]) == (h0, w0):
+        return region
+    lead = region.shape[:-2]
+    flat = region.reshape(1, -1, *region.shape[-2:]).float()
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    resized = F.interpolate(flat, size=(h0, w0), mode=mode, **kwargs)
+    out = resized.reshape(*lead, h0, w0)
+    return out if mode == "bilinear" else out.to(dense.dtype)

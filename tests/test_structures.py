@@ -39,3 +39,17 @@ def test_boxes_to_original_undoes_a_flip():
     meta = {"scale": torch.tensor([-1.0, 1.0]), "offset": torch.tensor([100.0, 0.0])}
     flipped = torch.tensor([[70.0, 5.0, 90.0, 25.0]])  # original box 10..30
     assert torch.equal(boxes_to_original(flipped, meta), torch.tensor([[10.0, 5.0, 30.0, 25.0]]))
+
+
+def test_dense_to_original_crops_letterbox_and_resizes():
+    from detkit.structures import dense_to_original
+    # original 4x6 labels, letterboxed x2 into 16x12 ... scale 2, offset (0, 2): rows 2..10 hold it
+    orig = torch.arange(24).view(4, 6)
+    up = orig.repeat_interleave(2, 0).repeat_interleave(2, 1)           # 8 x 12
+    canvas = torch.full((12, 12), 255, dtype=torch.int64)
+    canvas[2:10] = up
+    meta = {"orig_size": torch.tensor([4, 6]), "scale": torch.tensor([2.0, 2.0]), "offset": torch.tensor([0.0, 2.0])}
+    assert torch.equal(dense_to_original(canvas, meta), orig)
+    logits = canvas[None].float()
+    back = dense_to_original(logits, meta, mode="bilinear")
+    assert back.shape == (1, 4, 6) and back.dtype == torch.float32

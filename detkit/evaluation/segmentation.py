@@ -18,10 +18,10 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import EVALUATORS, ConfigError, check_kwargs
+from ..structures import dense_to_original
 from . import _dist
 from .report import format_table
 
@@ -84,29 +84,9 @@ def seg_metrics(matrix: Tensor, class_names: Sequence[str] | None = None,
 
 
 def sem_seg_to_original(sem_seg: Tensor, meta: dict) -> Tensor:
-    """Map a label map [..., H, W] of the pipeline's output image back to original pixels.
-
-    Uses the target's ``scale``/``offset`` (``transformed = original * scale + offset``) and
-    ``orig_size``: crops the region the original image occupies, then resizes it to (H0, W0)
-    with nearest-neighbour sampling (labels must not be interpolated).
-    """
-    if "orig_size" not in meta:
-        return sem_seg
-    h0, w0 = (int(v) for v in meta["orig_size"])
-    if tuple(sem_seg.shape[-2:]) == (h0, w0):
-        return sem_seg
-    sx, sy = (float(v) for v in torch.as_tensor(meta.get("scale", (1.0, 1.0))).reshape(-1).expand(2))
-    ox, oy = (float(v) for v in torch.as_tensor(meta.get("offset", (0.0, 0.0))).reshape(-1))
-    top, left = int(round(oy)), int(round(ox))
-    bottom = min(top + max(int(round(h0 * sy)), 1), sem_seg.shape[-2])
-    right = min(left + max(int(round(w0 * sx)), 1), sem_seg.shape[-1])
-    region = sem_seg[..., top:bottom, left:right]
-    if tuple(region.shape[-2:]) == (h0, w0):
-        return region
-    lead = region.shape[:-2]
-    flat = region.reshape(1, -1, *region.shape[-2:]).float()
-    resized = F.interpolate(flat, size=(h0, w0), mode="nearest-exact")
-    return resized.to(sem_seg.dtype).reshape(*lead, h0, w0)
+    """Label map [..., H, W] of the pipeline's output -> original pixels (nearest; see
+    ``detkit.structures.dense_to_original``)."""
+    return dense_to_original(sem_seg, meta, mode="nearest-exact")
 
 
 def _plain_id(image_id):

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...registry import DETECTORS, HEADS, ConfigError
-from ...structures import ImageList
+from ...structures import ImageList, dense_to_original
 from .base import Detector, base_kwargs, build_backbone_and_neck
 
 __all__ = ["Segmentor", "logits_to_original"]
@@ -18,22 +17,10 @@ __all__ = ["Segmentor", "logits_to_original"]
 def logits_to_original(logits: Tensor, meta: dict) -> Tensor:
     """Float[K,Hi,Wi] logits of the pipeline's image -> Float[K,H0,W0] of the original image.
 
-    Undoes ``transformed = original * scale + offset``: crops the region the original image
-    occupies (dropping letterbox padding) and resizes it bilinearly to ``orig_size``. Resizing
-    logits before the argmax gives smoother borders than resizing the label map.
+    Bilinear (see ``detkit.structures.dense_to_original``): resizing logits before the argmax
+    gives smoother borders than resizing the label map.
     """
-    if "orig_size" not in meta:
-        return logits
-    h0, w0 = (int(v) for v in meta["orig_size"])
-    if tuple(logits.shape[-2:]) == (h0, w0):
-        return logits
-    sx, sy = (float(v) for v in torch.as_tensor(meta.get("scale", (1.0, 1.0))).reshape(-1).expand(2))
-    ox, oy = (float(v) for v in torch.as_tensor(meta.get("offset", (0.0, 0.0))).reshape(-1))
-    top, left = max(int(round(oy)), 0), max(int(round(ox)), 0)
-    bottom = min(top + max(int(round(h0 * sy)), 1), logits.shape[-2])
-    right = min(left + max(int(round(w0 * sx)), 1), logits.shape[-1])
-    region = logits[None, :, top:bottom, left:right]
-    return F.interpolate(region.float(), size=(h0, w0), mode="bilinear", align_corners=False)[0]
+    return dense_to_original(logits, meta, mode="bilinear")
 
 
 @DETECTORS.register()
