@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ...registry import DETECTORS, HEADS, ConfigError
@@ -23,14 +24,26 @@ class OneStageDetector(Detector):
           backbone: {type: ResNet, depth: 18, out_features: [c5]}
           neck: {type: CenterNetUpsample}          # optional
           head: {type: CenterNetHead}               # gets input_shapes and num_classes
+          flip_test: false                          # optional, see below
           pixel_mean / pixel_std / size_divisibility # optional, see Detector
+
+    ``flip_test`` runs each padded batch together with its horizontal mirror and lets the head
+    merge the two raw outputs before decoding (``head.merge_flip(outputs, mirrored_outputs)``,
+    e.g. CenterNet averages the heatmaps). Mirroring the padded tensor keeps every cell aligned,
+    since the padded width is a multiple of the head's stride. Heads without ``merge_flip`` use
+    the generic box-level ``test_time_aug: {flip: true}`` of ``Detector`` instead.
     """
 
-    def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, head: nn.Module, **kwargs):
+    def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, head: nn.Module,
+                 flip_test: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.neck = neck
         self.head = head
+        if flip_test and not hasattr(head, "merge_flip"):
+            raise ValueError(f"flip_test: {type(head).__name__} cannot merge mirrored outputs "
+                             f"(no merge_flip); use test_time_aug: {{flip: true}} instead")
+        self.flip_test = flip_test
 
     @classmethod
     def from_config(cls, cfg: dict, *, path: str) -> "OneStageDetector":
@@ -41,8 +54,12 @@ class OneStageDetector(Detector):
         backbone, neck, shapes = build_backbone_and_neck(cfg, path)
         head = HEADS.build(cfg["head"], f"{path}.head", input_shapes=shapes,
                            num_classes=int(cfg["num_classes"]))
-        kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes"))
-        return cls(backbone=backbone, neck=neck, head=head, **kwargs)
+        kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes", "flip_test"))
+        try:
+            return cls(backbone=backbone, neck=neck, head=head, flip_test=bool(cfg.get("flip_test", False)),
+                       **kwargs)
+        except ValueError as e:
+            raise ConfigError(f"{path}.flip_test: {e}") from None
 
     def features(self, batch: ImageList) -> dict[str, Tensor]:
         feats = self.backbone(batch.tensor)
@@ -53,5 +70,11 @@ class OneStageDetector(Detector):
         return self.head.loss(outputs, targets, batch.image_sizes)
 
     def forward_test(self, batch: ImageList) -> list[dict]:
-        outputs = self.head(self.features(batch))
-        return self.head.predict(outputs, batch.image_sizes)
+        if not self.flip_test:
+            return self.head.predict(self.head(self.features(batch)), batch.image_sizes)
+        both = ImageList(torch.cat([batch.tensor, batch.tensor.flip(-1)]), batch.image_sizes * 2)
+        outputs = self.head(self.features(both))
+        n = len(batch)
+        merged = self.head.merge_flip({k: v[:n] for k, v in outputs.items()},
+                                      {k: v[n:] for k, v in outputs.items()})
+        return self.head.predict(merged, batch.image_sizes)
