@@ -104,3 +104,17 @@ def test_training_lowers_loss_and_predict_finds_box():
 def test_bad_in_feature(bad):
     with pytest.raises(ValueError, match="c9"):
         YOLOv1Head(input_shapes={"c5": ShapeSpec(8, 32)}, num_classes=2, in_feature=bad)
+
+
+def test_shapes_config_builds_and_runs():
+    from pathlib import Path
+
+    from detkit.config import load_config
+    from detkit.models import build_model
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/yolov1/yolov1_d53tiny_shapes.yaml")
+    model = build_model(cfg["model"])
+    assert isinstance(model.head, YOLOv1Head) and model.head.stride == 16
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 128, 128)])
+    assert out[0]["boxes"].shape[1] == 4
