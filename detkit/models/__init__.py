@@ -1,7 +1,7 @@
 """Models: layers, backbones, necks, heads and the detectors that compose them."""
 
 from ..registry import BACKBONES, DETECTORS, HEADS, NECKS
-from . import backbones, detectors, heads, layers, necks  # noqa: F401  (registers every part)
+from . import backbones, detectors, heads, layers, necks, spp_pool  # noqa: F401  (registers every part)
 
 
 def build_model(cfg: dict, path: str = "model"):

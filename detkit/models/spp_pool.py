@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
+from ..registry import ROI_POOLERS
+
 __all__ = ["SpatialPyramidPool", "SPPRoIPool", "fpn_level_of_boxes"]
 
 
@@ -52,20 +54,22 @@ def fpn_level_of_boxes(boxes: Tensor, min_level: int, max_level: int, canonical_
     return level.clamp(min_level, max_level).to(torch.int64)
 
 
+@ROI_POOLERS.register()
 class SPPRoIPool(nn.Module):
-    """Pool each RoI into every b x b grid of ``bins``: -> Float[K, C * L], ordered like the input.
+    """Pool each RoI into every b x b grid of ``bins``: -> Float[K, C * L, 1, 1], ordered like the
+    input (a fixed-length vector per RoI, shaped as a 1 x 1 map so any box head can consume it).
 
     ``featmap_names`` are the feature levels to pool from; their strides are read from the
     feature sizes relative to the (padded) image, as MultiScaleRoIAlign does.
     """
 
     def __init__(self, *, featmap_names: Sequence[str], bins: Sequence[int] = (1, 2, 4),
-                 canonical_size: float = 224.0, canonical_level: int = 4):
+                 canonical_scale: float = 224.0, canonical_level: int = 4):
         super().__init__()
         self.featmap_names = list(featmap_names)
         self.spp = SpatialPyramidPool(bins=bins)
         self.bins = self.spp.bins
-        self.canonical_size, self.canonical_level = canonical_size, canonical_level
+        self.canonical_scale, self.canonical_level = canonical_scale, canonical_level
 
     def output_dim(self, channels: int) -> int:
         return self.spp.output_dim(channels)
@@ -79,15 +83,15 @@ class SPPRoIPool(nn.Module):
         channels = feats[0].shape[1]
         out = rois.new_zeros(rois.shape[0], self.output_dim(channels), dtype=feats[0].dtype)
         if len(feats) == 1:
-            return self._pool(feats[0], rois, scales[0])
+            return self._pool(feats[0], rois, scales[0])[:, :, None, None]
         levels = -torch.log2(torch.tensor(scales)).round().to(torch.int64)  # stride exponents
         assigned = fpn_level_of_boxes(rois[:, 1:], int(levels.min()), int(levels.max()),
-                                      self.canonical_size, self.canonical_level)
+                                      self.canonical_scale, self.canonical_level)
         for feat, scale, level in zip(feats, scales, levels.tolist()):
             idx = torch.where(assigned == level)[0]
             if idx.numel():
                 out[idx] = self._pool(feat, rois[idx], scale)
-        return out
+        return out[:, :, None, None]
 
     def _pool(self, feat: Tensor, rois: Tensor, scale: float) -> Tensor:
         return torch.cat([roi_pool(feat, rois, output_size=b, spatial_scale=scale).flatten(1)

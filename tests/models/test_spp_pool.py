@@ -28,7 +28,7 @@ def test_roi_pool_fixed_length_and_values():
     pool = SPPRoIPool(featmap_names=["p"], bins=[1, 2])
     # stride 2; torchvision's roi_pool (Fast R-CNN convention) rounds box / 2 to cells, inclusive
     boxes = [torch.tensor([[0.0, 0.0, 14.0, 14.0], [4.0, 4.0, 10.0, 10.0]])]
-    out = pool({"p": feat}, boxes, [(16, 16)])
+    out = pool({"p": feat}, boxes, [(16, 16)]).flatten(1)
     assert out.shape == (2, 5)
     # RoI 1 = cells 0..7 x 0..7 (the whole map): max 63, quadrant maxima 27, 31, 59, 63
     assert out[0].tolist() == [63.0, 27.0, 31.0, 59.0, 63.0]
@@ -41,10 +41,32 @@ def test_fpn_level_rule_and_multi_level_routing():
     assert fpn_level_of_boxes(boxes, 2, 5).tolist() == [4, 2, 5]
     feats = {"p2": torch.zeros(1, 2, 64, 64), "p3": torch.ones(1, 2, 32, 32)}
     pool = SPPRoIPool(featmap_names=["p2", "p3"], bins=[1])
-    out = pool(feats, [torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 200.0, 200.0]])], [(256, 256)])
+    out = pool(feats, [torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 200.0, 200.0]])], [(256, 256)]).flatten(1)
     assert out[:, 0].tolist() == [0.0, 1.0]  # the small box pooled from p2, the large one from p3
 
 
 def test_bad_bins():
     with pytest.raises(ValueError, match="bins"):
         SpatialPyramidPool(bins=[0, 2])
+
+
+@pytest.mark.parametrize("config", ["faster_rcnn/faster_rcnn_r18_fpn_spp_shapes.yaml", "rfcn/rfcn_r18_shapes.yaml"])
+def test_classic_two_stage_configs_build_train_and_predict(config):
+    from pathlib import Path
+
+    from detkit.config import load_config
+    from detkit.models import build_model
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / config)
+    torch.manual_seed(0)
+    model = build_model(cfg["model"])
+    if "spp" in config:
+        assert isinstance(model.roi_head.pooler, SPPRoIPool)
+        assert model.roi_head.box_head.fc6.in_features == 128 * (1 + 4 + 16)  # FPN channels x bins
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model.train()([torch.rand(3, 128, 128), torch.rand(3, 96, 128)], targets)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        out = model.eval()([torch.rand(3, 128, 128)])
+    assert out[0]["boxes"].shape[1] == 4 and (out[0]["boxes"] <= 128).all()

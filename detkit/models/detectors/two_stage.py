@@ -1,0 +1,86 @@
+"""TwoStageDetector: backbone -> neck -> RPN (proposals) -> RoI head (Faster R-CNN)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ...registry import DETECTORS, HEADS, ConfigError
+from ...structures import ImageList
+from .base import Detector, base_kwargs, build_backbone_and_neck
+
+__all__ = ["TwoStageDetector"]
+
+
+@DETECTORS.register()
+class TwoStageDetector(Detector):
+    """Composes parts only; the maths lives in ``RPNHead`` and ``RoIHead``.
+
+    Config::
+
+        model:
+          type: TwoStageDetector
+          num_classes: 80
+          backbone: {type: ResNet, depth: 50, norm: FrozenBN, frozen_stages: 1}
+          neck: {type: FPN, out_channels: 256, extra_levels: maxpool}    # optional (C4: none)
+          rpn: {type: RPNHead}                                            # gets input_shapes
+          roi_head: {type: RoIHead, box_head: {type: TwoMLPHead}}         # + num_classes
+          init_from_torchvision: path/to/fasterrcnn_resnet50_fpn.pth     # optional
+          pixel_mean / pixel_std / size_divisibility                      # optional, see Detector
+
+    ``init_from_torchvision`` loads a torchvision ``fasterrcnn_resnet50_fpn`` (v1) state dict
+    through ``detkit.models.convert`` after the model is built.
+    """
+
+    def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, rpn: nn.Module,
+                 roi_head: nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.neck = neck
+        self.rpn = rpn
+        self.roi_head = roi_head
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, path: str) -> "TwoStageDetector":
+        for key in ("num_classes", "rpn", "roi_head"):
+            if key not in cfg:
+                raise ConfigError(f"{path}: missing '{key}'")
+        backbone, neck, shapes = build_backbone_and_neck(cfg, path)
+        rpn = HEADS.build(cfg["rpn"], f"{path}.rpn", input_shapes=shapes)
+        roi_head = HEADS.build(cfg["roi_head"], f"{path}.roi_head", input_shapes=shapes,
+                               num_classes=int(cfg["num_classes"]))
+        components = ("backbone", "neck", "rpn", "roi_head", "num_classes", "init_from_torchvision")
+        model = cls(backbone=backbone, neck=neck, rpn=rpn, roi_head=roi_head,
+                    **base_kwargs(cfg, path, cls.__name__, components))
+        weights = cfg.get("init_from_torchvision")
+        if weights:
+            from ..convert import load_torchvision_weights  # convert imports detectors' parts
+
+            try:
+                load_torchvision_weights(model, weights)
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"{path}.init_from_torchvision: {e}") from e
+        return model
+
+    def features(self, batch: ImageList) -> dict[str, Tensor]:
+        feats = self.backbone(batch.tensor)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def proposals(self, features: dict[str, Tensor], batch: ImageList) -> tuple[dict, list[Tensor]]:
+        """RPN raw outputs and the proposal boxes Float[P_b,4] of each image."""
+        rpn_outputs = self.rpn(features)
+        return rpn_outputs, [p["boxes"] for p in self.rpn.predict(rpn_outputs, batch.image_sizes)]
+
+    def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
+        features = self.features(batch)
+        rpn_outputs, proposals = self.proposals(features, batch)
+        losses = self.rpn.loss(rpn_outputs, targets, batch.image_sizes)
+        rois, samples = self.roi_head.sample_proposals(proposals, targets)
+        outputs = self.roi_head(features, rois, batch.image_sizes)
+        losses.update(self.roi_head.loss(outputs, samples))
+        return losses
+
+    def forward_test(self, batch: ImageList) -> list[dict]:
+        features = self.features(batch)
+        _, proposals = self.proposals(features, batch)
+        outputs = self.roi_head(features, proposals, batch.image_sizes)
+        return self.roi_head.predict(outputs, batch.image_sizes)

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Convert a torchvision detection checkpoint into a detkit checkpoint ``{"model": state_dict}``.
+
+    python tools/convert_weights.py fasterrcnn_resnet50_fpn_coco-258fb6c6.pth frcnn_r50_fpn_coco.pth \\
+        --classes coco80
+    python tools/eval.py configs/faster_rcnn/faster_rcnn_r50_fpn_coco.yaml frcnn_r50_fpn_coco.pth
+
+``--classes``: ``all`` keeps every torchvision class (labels 0..K-1 = torchvision 1..K);
+``coco80`` keeps the 80 real COCO categories of a 91-way torchvision COCO model, in the order of
+detkit's COCO labels; or a comma-separated list of torchvision class indices.
+Exit code 2 for a bad input file or argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from detkit.models.convert import SUPPORTED_ARCHS
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="torchvision state dict (.pth)")
+    parser.add_argument("dst", help="output detkit checkpoint (.pth)")
+    parser.add_argument("--arch", default="fasterrcnn_resnet50_fpn", choices=SUPPORTED_ARCHS)
+    parser.add_argument("--classes", default="all", help="all | coco80 | comma-separated class indices")
+    return parser.parse_args(argv)
+
+
+def class_ids(spec: str):
+    from detkit.models.convert import COCO_CATEGORY_IDS
+
+    if spec == "all":
+        return None
+    if spec == "coco80":
+        return COCO_CATEGORY_IDS
+    try:
+        return [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes: expected all, coco80 or integers like 1,2,3, got {spec!r}") from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from detkit.models.convert import torchvision_to_detkit
+
+    try:
+        state = torch.load(args.src, map_location="cpu", weights_only=True)
+        converted = torchvision_to_detkit(state, args.arch, class_ids(args.classes))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {args.src}: {e}", file=sys.stderr)
+        return 2
+    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": converted, "meta": {"converted_from": str(args.src), "arch": args.arch}}, args.dst)
+    num_classes = converted["roi_head.cls_score.weight"].shape[0] - 1
+    print(f"wrote {args.dst}: {len(converted)} tensors, {num_classes} classes (set model.num_classes: "
+          f"{num_classes})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
