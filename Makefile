@@ -22,8 +22,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/python tools/demo.py --data $(SHAPES) --work-dir work_dirs/demo
+	$(BIN)/python tools/demo.py --data $(SHAPES) --work-dir work_dirs/demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) work_dirs demo_out .pytest_cache
