@@ -91,7 +91,6 @@ if __name__ == "__main__":
 
 
 def test_custom_detector_loss_drops_and_predicts():
-    torch.set_num_threads(1)
     history, detections = train(steps=30)
     assert all(torch.isfinite(torch.tensor(history)))
     first, last = history[0], sum(history[-5:]) / 5

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 # The test modules import engine_helpers as a top-level module (tests/ has no packages).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,11 +20,3 @@ def shapes_root(tmp_path_factory) -> Path:
     generate(root, num_train=16, num_val=8, size=64, seed=0)
     return root
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by many test runs: keep torch from oversubscribing them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -14,14 +14,6 @@ from detkit.models import build_model
 from detkit.models.convert import COCO_CATEGORY_IDS, torchvision_to_detkit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: a second intra-op thread mostly waits (and slows the others down)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "faster_rcnn"

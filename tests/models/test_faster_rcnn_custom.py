@@ -2,7 +2,6 @@
 RoIHead in a plain nn.Module (no config, registry or trainer). A few steps on a fixed batch must
 lower the loss, and predictions must lie inside the images."""
 
-import pytest
 import torch
 import torchvision
 from torch import nn
@@ -13,14 +12,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from detkit.models.heads import RoIHead, RPNHead, TwoMLPHead
 from detkit.structures import ShapeSpec
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: a second intra-op thread mostly waits (and slows the others down)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- README example begins ----

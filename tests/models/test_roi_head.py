@@ -13,14 +13,6 @@ from detkit.registry import HEADS, ConfigError
 from detkit.structures import ShapeSpec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared cores: a second intra-op thread mostly waits (and slows the others down)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 CH, C = 16, 3
 SHAPES = {"p3": ShapeSpec(CH, 8), "p4": ShapeSpec(CH, 16), "p5": ShapeSpec(CH, 32)}

@@ -17,14 +17,6 @@ SMALL_ANCHORS = [[[6, 6], [10, 14]], [[20, 16], [24, 36]], [[40, 40], [60, 50]]]
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: thread start-up costs more than it saves on the shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_head(**kw):
     kw.setdefault("anchors", SMALL_ANCHORS)

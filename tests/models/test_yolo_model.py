@@ -31,13 +31,6 @@ def outputs_encoding(head, boxes, labels, size):
     return [f.view_as(o) for f, o in zip(flat.split([o[0, ..., 0].numel() for o in outs]), outs)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny_model():
