@@ -100,3 +100,15 @@ def test_training_lowers_loss():
 def test_bad_in_feature():
     with pytest.raises(ValueError, match="c9"):
         RFCNHead(input_shapes={"c5": ShapeSpec(8, 16)}, num_classes=2, in_feature="c9")
+
+
+def test_border_rois_get_empty_bins_with_pooling_but_not_with_align():
+    """Why the shapes config sets align: PS-RoI pooling rounds a RoI at the bottom/right border
+    of a coarse map past its last cell, its bins come out empty and vote 0 for every class
+    (uniform scores); PS-RoIAlign samples every bin bilinearly inside the map."""
+    maps = torch.rand(1, 2 * K * K, 16, 16) + 1.0       # every value >= 1
+    border = [torch.tensor([[120.0, 120.0, 127.0, 127.0]])]  # last 7 px of a 128-px image, stride 8
+    pooled = position_sensitive_vote(maps, border, K, 1 / 8)
+    aligned = position_sensitive_vote(maps, border, K, 1 / 8, align=True)
+    assert torch.equal(pooled, torch.zeros_like(pooled))
+    assert aligned.min() >= 1.0
