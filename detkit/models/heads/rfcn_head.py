@@ -54,7 +54,9 @@ class RFCNHead(RoIHeadBase):
             coarsest; R-FCN uses dilated C5 at stride 16).
         reduced_channels: D, the 1x1 reduction (1024 in the paper).
         group_size: k (7 in the paper's ResNet-101 experiments).
-        align: bilinear PS-RoIAlign instead of the paper's PS-RoI average pooling.
+        align: bilinear PS-RoIAlign instead of the paper's PS-RoI average pooling. Use it on
+            coarse maps: pooling rounds RoIs at the bottom/right border past the last cell,
+            leaving their bins empty (a vote of 0 for every class).
         ohem / ohem_batch_size / ohem_nms_thresh: online hard example mining (see module doc).
         Other keyword arguments: RoI assignment / sampling / post-processing (``RoIHeadBase``).
     """
