@@ -25,7 +25,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.deform_conv import DeformConvBlock
-from ..layers.frozen_bn import FrozenBatchNorm2d, freeze_batch_norm
+from ..layers.frozen_bn import FrozenBatchNorm2d
 from ..utils import load_state_dict_checked
 
 __all__ = ["ResNet"]
