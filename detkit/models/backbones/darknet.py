@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.conv import ConvNormAct
+from ._frozen import FrozenStagesBackbone
 from ..utils import load_state_dict_checked
 
 __all__ = ["Darknet53", "DarknetBottleneck"]
@@ -54,7 +55,7 @@ class DarknetBottleneck(nn.Module):
 
 
 @BACKBONES.register()
-class Darknet53(nn.Module):
+class Darknet53(FrozenStagesBackbone):
     """Darknet-53 feature extractor returning ``out_features`` (any of c1..c5; default c3..c5).
 
     Args:
@@ -91,22 +92,13 @@ class Darknet53(nn.Module):
             self._channels[_STAGES[i]] = in_ch = out_ch
         if weights is not None:
             self.load_weights(weights)
-        for module in self._frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
+        self.freeze()
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
             return []
         n = min(self.frozen_stages, self.num_stages)
         return [self.stem] + [getattr(self, f"stage{i}") for i in range(1, n + 1)]
-
-    def train(self, mode: bool = True) -> "Darknet53":
-        """Like ``nn.Module.train`` but frozen stages keep their BN layers in eval mode."""
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()
-        return self
 
     def load_weights(self, path: str) -> None:
         if not os.path.isfile(path):

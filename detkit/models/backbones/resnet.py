@@ -26,6 +26,7 @@ from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.deform_conv import DeformConvBlock
 from ..layers.frozen_bn import FrozenBatchNorm2d
+from ._frozen import FrozenStagesBackbone
 from ..utils import load_state_dict_checked
 
 __all__ = ["ResNet"]
@@ -53,7 +54,7 @@ def _dilate_stage(layer: nn.Sequential, previous: int, dilation: int) -> None:
 
 
 @BACKBONES.register()
-class ResNet(nn.Module):
+class ResNet(FrozenStagesBackbone):
     """torchvision ResNet as a multi-scale feature extractor.
 
     Args:
@@ -109,7 +110,7 @@ class ResNet(nn.Module):
         self._apply_dcn(list(dcn_stages), int(dcn_version))
         if weights is not None:
             self.load_weights(weights)
-        self._freeze()
+        self.freeze()
 
     # ----------------------------------------------------------------------------- construction
     def _apply_dilation(self, dilation: dict[str, int]) -> dict[str, int]:
@@ -135,23 +136,11 @@ class ResNet(nn.Module):
             for block in getattr(self, f"layer{idx}"):
                 block.conv2 = DeformConvBlock.from_conv(block.conv2, version=version)
 
-    def _freeze(self) -> None:
-        for module in self._frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
-
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
             return []
         stages = [getattr(self, f"layer{i}") for i in range(1, min(self.frozen_stages, self.num_stages) + 1)]
         return [self.conv1, self.bn1] + stages
-
-    def train(self, mode: bool = True) -> "ResNet":
-        """Like ``nn.Module.train`` but frozen stages keep their BN layers in eval mode."""
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()
-        return self
 
     # ---------------------------------------------------------------------------------- weights
     def load_weights(self, weights: str) -> None:
