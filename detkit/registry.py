@@ -62,6 +62,20 @@ def check_kwargs(fn: Callable, kwargs: dict, path: str, owner: str) -> None:
             raise ConfigError(f"{path}: '{owner}' needs the argument '{name}'")
 
 
+def construct(obj: Callable, kwargs: dict, path: str, owner: str | None = None,
+              errors: tuple[type[Exception], ...] = (TypeError, ValueError)) -> Any:
+    """``obj(**kwargs)`` after ``check_kwargs``; ``errors`` raised by it become a ConfigError
+    naming ``path`` (the step ``Registry.build`` and every ``from_config`` end with)."""
+    owner = owner or getattr(obj, "__name__", str(obj))
+    check_kwargs(obj, kwargs, path, owner)
+    try:
+        return obj(**kwargs)
+    except ConfigError:
+        raise
+    except errors as e:
+        raise ConfigError(f"{path} ({owner}): {e}") from e
+
+
 class Registry:
     """A named table of classes (or factory functions) buildable from config dicts."""
 
@@ -116,13 +130,7 @@ class Registry:
         if hasattr(obj, "from_config"):
             return obj.from_config(kwargs, path=path, **extra)
         kwargs.update(extra)
-        check_kwargs(obj, kwargs, path, cfg["type"])
-        try:
-            return obj(**kwargs)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path} ({cfg['type']}): {e}") from e
+        return construct(obj, kwargs, path, cfg["type"])
 
 
 BACKBONES = Registry("backbone")

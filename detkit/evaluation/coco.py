@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..registry import EVALUATORS, ConfigError, check_kwargs
+from ..registry import EVALUATORS, ConfigError, construct
 from . import _dist
 from .report import per_class_table, safe_filename, save_pr_curve
 
@@ -226,11 +226,7 @@ class COCOEvaluator:
             kwargs["ann_file"] = dataset_coco_gt(dataset, path)
             kwargs.setdefault("label_to_cat_id", getattr(dataset, "label_to_cat_id", None))
             kwargs.setdefault("class_names", getattr(dataset, "class_names", None))
-        check_kwargs(cls.__init__, kwargs, path, cls.__name__)
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"{path} (COCOEvaluator): {e}") from e
+        return construct(cls, kwargs, path, errors=(TypeError, ValueError, FileNotFoundError))
 
     def reset(self) -> None:
         self._results: dict[int, dict[str, list[dict]]] = {}

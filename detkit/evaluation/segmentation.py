@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..registry import EVALUATORS, ConfigError, check_kwargs
+from ..registry import EVALUATORS, construct
 from ..structures import dense_to_original
 from . import _dist
 from .report import format_table
@@ -126,11 +126,7 @@ class SegEvaluator:
                 kwargs["class_names"] = list(names)
             if "ignore_index" not in kwargs and hasattr(dataset, "ignore_index"):
                 kwargs["ignore_index"] = int(dataset.ignore_index)
-        check_kwargs(cls.__init__, kwargs, path, cls.__name__)
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path} (SegEvaluator): {e}") from e
+        return construct(cls, kwargs, path, errors=(TypeError, ValueError))
 
     def reset(self) -> None:
         self.matrix: Tensor | None = None

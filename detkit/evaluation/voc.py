@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..registry import EVALUATORS, ConfigError, check_kwargs
+from ..registry import EVALUATORS, ConfigError, construct
 from ..structures import boxes_to_original
 from . import _dist
 from .coco import dataset_coco_gt, load_coco
@@ -140,11 +140,7 @@ class VOCEvaluator:
                 kwargs.setdefault("label_to_cat_id", getattr(dataset, "label_to_cat_id", None))
         if kwargs.get("class_names") is None:
             raise ConfigError(f"{path}: VOCEvaluator needs 'class_names' (or a dataset that has them)")
-        check_kwargs(cls.__init__, kwargs, path, cls.__name__)
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"{path} (VOCEvaluator): {e}") from e
+        return construct(cls, kwargs, path, errors=(TypeError, ValueError, FileNotFoundError))
 
     def reset(self) -> None:
         self._images: dict[int, dict] = {}
