@@ -1,11 +1,11 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install detkit into it.
+# Entry points: `make demo`, `make test` and `make lint`. Each creates .venv and installs detkit into it.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHAPES := data/shapes
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast lint demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# ruff (pyflakes, pycodestyle, isort, bugbear) on the repository, mypy on the package; both
+# configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy detkit
 
 DEMO_ARGS ?=
 demo: $(STAMP)
