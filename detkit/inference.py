@@ -102,6 +102,8 @@ def apply_checkpoint(model: nn.Module, ckpt: dict, path: str | os.PathLike) -> d
     else:
         load_model_weights(model, state, source=str(path))
     meta = dict(ckpt["meta"]) if isinstance(ckpt.get("meta"), dict) else {}
+    from .models.convert import apply_converted_meta
+    apply_converted_meta(model, meta)
     for key in ("class_names", "label_to_cat_id"):   # also accepted at the top level
         if key not in meta and isinstance(ckpt.get(key), (list, tuple)):
             meta[key] = list(ckpt[key])

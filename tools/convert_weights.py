@@ -58,7 +58,9 @@ def main(argv=None) -> int:
         print(f"error: {args.src}: {e}", file=sys.stderr)
         return 2
     Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": converted, "meta": {"converted_from": str(args.src), "arch": args.arch}}, args.dst)
+    # tools/eval.py and Predictor read anchor_stride_mode and switch to torchvision's anchors
+    meta = {"converted_from": str(args.src), "arch": args.arch, "anchor_stride_mode": "torchvision"}
+    torch.save({"model": converted, "meta": meta}, args.dst)
     num_classes = converted["roi_head.cls_score.weight"].shape[0] - 1
     print(f"wrote {args.dst}: {len(converted)} tensors, {num_classes} classes (set model.num_classes: "
           f"{num_classes})")

@@ -6,7 +6,8 @@ grid of level i, si its stride in input pixels. Boxes are xyxy absolute input pi
 An anchor of size ``s`` and aspect ratio ``r = h / w`` has ``w = s / sqrt(r)``, ``h = s * sqrt(r)``
 (area ``s**2``) and is centred on the top-left corner of its grid cell (``x = j * si``), with the
 corners rounded to whole pixels. These are the conventions of torchvision's ``AnchorGenerator``,
-so detkit's anchors are identical to it (tests/models/test_anchors.py checks this).
+so detkit's anchors are identical to it: always with ``stride_mode="torchvision"``, and with the
+default geometric strides whenever every level's grid is exact (tests/models/test_anchors.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AnchorGenerator", "cell_anchors", "grid_anchors"]
+__all__ = ["AnchorGenerator", "STRIDE_MODES", "cell_anchors", "grid_anchors"]
+
+STRIDE_MODES = ("geometric", "torchvision")
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
@@ -60,14 +63,20 @@ class AnchorGenerator(nn.Module):
             for a single C4 map.
         aspect_ratios: per level ratios ``h / w``; a flat list is used for every level.
         strides: per level stride in input pixels (``ShapeSpec.stride``).
-        strides_from_image_size: compute each level's stride as ``padded_size // grid_size``
-            (what torchvision does) instead of using ``strides``. The two differ only when a
-            level's grid was rounded up (e.g. P6 of an 800x1344 batch: 13 rows, 800 // 13 = 61
-            instead of 64); turn it on to reproduce torchvision exactly with converted weights.
+        stride_mode: how a level's stride is found from its grid.
+            ``"geometric"`` (default, for models trained in detkit): the configured ``strides``,
+            so anchor ``j`` of a level is centred at ``j * si`` whatever the image size.
+            ``"torchvision"``: ``padded_size // grid_size`` per axis, what torchvision's
+            ``AnchorGenerator`` does. The two differ whenever a level's grid was rounded up, e.g.
+            the max-pooled P6 of a 512 x 800 batch has 13 columns and stride 800 // 13 = 61, not
+            64 (and P6 of the COCO recipe's 800 x 1344 batches has 800 // 13 = 61 rows). Weights
+            converted from torchvision were trained with the rounded strides; the converter
+            (``detkit.models.convert``) switches them on so that they reproduce torchvision's
+            detections on every image size.
     """
 
     def __init__(self, *, sizes: Sequence[Sequence[float]], aspect_ratios: Sequence,
-                 strides: Sequence[int], strides_from_image_size: bool = False):
+                 strides: Sequence[int], stride_mode: str = "geometric"):
         super().__init__()
         if not aspect_ratios or not isinstance(aspect_ratios[0], (list, tuple)):
             aspect_ratios = [list(aspect_ratios)] * len(sizes)
@@ -78,7 +87,9 @@ class AnchorGenerator(nn.Module):
         self.sizes = [list(map(float, s)) for s in sizes]
         self.aspect_ratios = [list(map(float, r)) for r in aspect_ratios]
         self.strides = [int(s) for s in strides]
-        self.strides_from_image_size = bool(strides_from_image_size)
+        if stride_mode not in STRIDE_MODES:
+            raise ValueError(f"stride_mode must be one of {', '.join(STRIDE_MODES)}, got {stride_mode!r}")
+        self.stride_mode = stride_mode
         for i, base in enumerate(cell_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)):
             self.register_buffer(f"cell_anchors_{i}", base, persistent=False)
         self._cache: dict = {}
@@ -88,8 +99,8 @@ class AnchorGenerator(nn.Module):
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
 
     def level_strides(self, grid_sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-        """(stride_y, stride_x) per level; see ``strides_from_image_size``."""
-        if not self.strides_from_image_size:
+        """(stride_y, stride_x) per level; see ``stride_mode``."""
+        if self.stride_mode == "geometric":
             return [(s, s) for s in self.strides]
         # The finest level's grid is exact (the padded size is a multiple of the coarsest stride).
         pad_h = grid_sizes[0][0] * self.strides[0]
@@ -103,7 +114,7 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"AnchorGenerator has {len(self.sizes)} levels but got "
                              f"{len(grid_sizes)} feature maps")
         base = [getattr(self, f"cell_anchors_{i}") for i in range(len(self.sizes))]
-        key = (tuple(grid_sizes), base[0].device)
+        key = (tuple(grid_sizes), base[0].device, self.stride_mode)
         if key not in self._cache:
             if len(self._cache) > 16:  # multi-scale training: keep the cache bounded
                 self._cache.clear()

@@ -20,6 +20,12 @@ labels are 0..C-1 with background last. ``class_ids`` picks which torchvision cl
 detkit labels 0..C-1 (default: all 1..K). torchvision's COCO models have K = 90 (COCO category
 ids, ten of them unused); for an 80-class detkit model the 80 real COCO ids are used, which is
 the order of detkit's COCO dataset labels (sorted category ids).
+
+torchvision places the anchors of a level at multiples of ``padded_size // grid_size``, which is
+not the level's stride when the grid was rounded up (P6 of a 512 x 800 batch: 800 // 13 = 61).
+Converted weights were trained with those anchors, so loading them switches every
+``AnchorGenerator`` of the model to ``stride_mode="torchvision"`` (:func:`use_torchvision_anchors`);
+checkpoints written by ``tools/convert_weights.py`` record ``anchor_stride_mode`` in their meta.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .anchors import AnchorGenerator
 from .utils import load_state_dict_checked
 
-__all__ = ["torchvision_to_detkit", "load_torchvision_weights", "COCO_CATEGORY_IDS", "SUPPORTED_ARCHS"]
+__all__ = ["torchvision_to_detkit", "load_torchvision_weights", "use_torchvision_anchors",
+           "apply_converted_meta", "COCO_CATEGORY_IDS", "SUPPORTED_ARCHS"]
 
 SUPPORTED_ARCHS = ("fasterrcnn_resnet50_fpn",)
 _UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
@@ -104,20 +112,35 @@ def torchvision_to_detkit(state_dict: Mapping[str, Tensor], arch: str = "fasterr
     return out
 
 
+def use_torchvision_anchors(model: nn.Module) -> int:
+    """Put every ``AnchorGenerator`` in ``model`` on torchvision's stride rounding; returns how many."""
+    generators = [m for m in model.modules() if isinstance(m, AnchorGenerator)]
+    for generator in generators:
+        generator.stride_mode = "torchvision"
+    return len(generators)
+
+
+def apply_converted_meta(model: nn.Module, meta: Mapping) -> None:
+    """Honour a converted checkpoint's ``meta`` (``tools/convert_weights.py``): its anchor stride mode."""
+    if meta.get("anchor_stride_mode") == "torchvision":
+        use_torchvision_anchors(model)
+
+
 def load_torchvision_weights(model: nn.Module, source: str | Mapping[str, Tensor],
                              arch: str = "fasterrcnn_resnet50_fpn") -> None:
     """Convert ``source`` (a file path or a state dict) and load it strictly into ``model``.
 
     The class rows are chosen from the model's ``roi_head.num_classes``: all of the checkpoint's
     classes when the counts agree, the 80 COCO categories when a 90-class torchvision COCO
-    checkpoint meets an 80-class model; anything else is an error.
+    checkpoint meets an 80-class model; anything else is an error. The model's anchors switch to
+    torchvision's stride rounding (see the module docstring).
     """
     where = source if isinstance(source, str) else "state dict"
-    if isinstance(source, str):
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    num_classes = model.roi_head.num_classes
+    loaded = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, str) else source
+    num_classes = model.roi_head.num_classes  # type: ignore[union-attr]
     key = "roi_heads.box_predictor.cls_score.weight"
-    state = source.get("model", source) if isinstance(source, Mapping) else source
+    inner = loaded.get("model", loaded) if isinstance(loaded, Mapping) else None
+    state: Mapping[str, Tensor] = inner if isinstance(inner, Mapping) else {}
     if key not in state:
         raise ValueError(f"{where}: not a torchvision {arch} state dict (no {key})")
     num_tv = state[key].shape[0] - 1
@@ -130,3 +153,4 @@ def load_torchvision_weights(model: nn.Module, source: str | Mapping[str, Tensor
                          f"{num_classes}; convert with explicit class_ids instead")
     converted = torchvision_to_detkit(state, arch, class_ids)
     load_state_dict_checked(model, converted, strict=True, source=where)
+    use_torchvision_anchors(model)

@@ -46,13 +46,13 @@ def test_fpn_anchors_equal_torchvision():
     assert torch.equal(ours[0][3:6] - ours[0][0:3], torch.tensor([[4.0, 0, 4, 0]] * 3))
 
 
-def test_strides_from_image_size_reproduces_torchvision_rounding():
+def test_stride_mode_torchvision_reproduces_torchvision_rounding():
     # 288 x 352 padded batch: P6 has ceil(9 / 2) = 5 rows, torchvision uses 288 // 5 = 57 as stride
     padded = (288, 352)
     grids = [(math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in STRIDES]
     expected, _ = _tv_anchors(FPN_SIZES, [[1.0]] * 5, padded, grids)
     compat = AnchorGenerator(sizes=FPN_SIZES, aspect_ratios=[1.0], strides=STRIDES,
-                             strides_from_image_size=True)(grids)
+                             stride_mode="torchvision")(grids)
     assert torch.equal(torch.cat(compat), expected)
     exact = AnchorGenerator(sizes=FPN_SIZES, aspect_ratios=[1.0], strides=STRIDES)(grids)
     assert exact[4][6, 1].item() == 64 - 256  # P6 is 5 x 6: anchor 6 starts row 1, centred at y = 64
@@ -64,6 +64,16 @@ def test_single_level_many_sizes_c4():
     assert gen.num_anchors_per_location == [15]
     expected, _ = _tv_anchors([[32, 64, 128, 256, 512]], [[0.5, 1.0, 2.0]], (64, 96), [(4, 6)])
     assert torch.equal(gen([(4, 6)])[0], expected)
+
+
+def test_stride_mode_switch_after_first_call_and_bad_value():
+    grids = [(72, 88), (36, 44), (18, 22), (9, 11), (5, 6)]  # a 288 x 352 batch
+    gen = AnchorGenerator(sizes=FPN_SIZES, aspect_ratios=[1.0], strides=STRIDES)
+    assert gen(grids)[4][6, 1].item() == 64 - 256
+    gen.stride_mode = "torchvision"  # what loading torchvision weights does: not served from the cache
+    assert gen(grids)[4][6, 1].item() == 57 - 256
+    with pytest.raises(ValueError, match="stride_mode must be one of geometric, torchvision, got 'tv'"):
+        AnchorGenerator(sizes=FPN_SIZES, aspect_ratios=[1.0], strides=STRIDES, stride_mode="tv")
 
 
 def test_level_count_errors():

@@ -119,7 +119,9 @@ def test_convert_weights_cli(r50_pair, tmp_path):
     spec.loader.exec_module(cli)
     out = tmp_path / "detkit.pth"
     assert cli.main([str(path), str(out)]) == 0
-    state = torch.load(out, map_location="cpu", weights_only=True)["model"]
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["meta"]["anchor_stride_mode"] == "torchvision"  # read by tools/eval.py and Predictor
+    state = ckpt["model"]
     own = model.state_dict()
     assert torch.equal(state["roi_head.box_head.fc7.weight"], own["roi_head.box_head.fc7.weight"])
     assert set(own) - set(state) <= {k for k in own if k.endswith("num_batches_tracked")}

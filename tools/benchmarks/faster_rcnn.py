@@ -43,7 +43,7 @@ def build_pair(device: str = "cpu"):
         "type": "TwoStageDetector", "num_classes": 90,
         "backbone": {"type": "ResNet", "depth": 50, "norm": "FrozenBN", "frozen_stages": 1},
         "neck": {"type": "FPN", "out_channels": 256, "extra_levels": "maxpool"},
-        "rpn": {"type": "RPNHead", "strides_from_image_size": True},
+        "rpn": {"type": "RPNHead", "stride_mode": "torchvision"},
         "roi_head": {"type": "RoIHead", "box_head": {"type": "TwoMLPHead", "fc_dim": 1024}},
     })
     load_torchvision_weights(model, tv.state_dict())

@@ -41,7 +41,7 @@ class RPNHead(nn.Module):
         in_features: names of the maps to use (default: all of ``input_shapes``, finest first).
         anchor_sizes: per used level, anchor sizes in pixels (default FPN P2-P6: 32..512).
         aspect_ratios: anchor ratios h / w (one list for all levels, or one per level).
-        strides_from_image_size: see ``AnchorGenerator`` (torchvision's stride rounding).
+        stride_mode: ``geometric`` or ``torchvision`` (its stride rounding); see ``AnchorGenerator``.
         conv_depth: number of shared 3x3 convs.
         fg_iou_thresh / bg_iou_thresh: IoU for positive / below which negative.
         batch_size_per_image / positive_fraction: anchors sampled per image for the loss.
@@ -54,7 +54,7 @@ class RPNHead(nn.Module):
 
     def __init__(self, *, input_shapes: dict[str, ShapeSpec], in_features: Sequence[str] | None = None,
                  anchor_sizes: Sequence[Sequence[float]] = FPN_ANCHOR_SIZES,
-                 aspect_ratios: Sequence = (0.5, 1.0, 2.0), strides_from_image_size: bool = False,
+                 aspect_ratios: Sequence = (0.5, 1.0, 2.0), stride_mode: str = "geometric",
                  conv_depth: int = 1, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_topk_train: int = 2000, pre_nms_topk_test: int = 1000,
@@ -73,7 +73,7 @@ class RPNHead(nn.Module):
                              f"{self.in_features} has {len(shapes)}")
         self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios,
                                                 strides=[s.stride for s in shapes],
-                                                strides_from_image_size=strides_from_image_size)
+                                                stride_mode=stride_mode)
         num_anchors = set(self.anchor_generator.num_anchors_per_location)
         if len(num_anchors) != 1:
             raise ValueError(f"RPNHead: every level needs the same number of anchors per location "
