@@ -17,6 +17,13 @@ recognisable. Boxes, areas and polygons are computed from the *visible* pixels o
 
 Same seed -> byte-identical files: every image has its own generator seeded by (seed, split,
 index), PNGs are written by OpenCV (deterministic) and json with sorted keys.
+
+``--preset small`` writes a small-object benchmark in the same layout: 1024 x 1024 canvases
+(``--size``), each with ``SMALL_OBJECTS`` tiny shapes whose boxes' long sides are 8-32 px and
+areas below 32^2 (all COCO "small") plus ``SMALL_DISTRACTORS`` unannotated look-alikes (rings,
+bars, crosses, line segments) that are background. Shapes never touch (each keeps a 2 px gap),
+so every box is the exact extent of one shape's drawn pixels. Defaults: 100 train and 20 val
+canvases.
 """
 
 from __future__ import annotations
@@ -30,13 +37,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "generate", "render_image", "stats", "format_stats"]
+__all__ = ["CLASS_NAMES", "PRESETS", "generate", "render_image", "render_small_image", "stats",
+           "format_stats"]
 
 CLASS_NAMES = ["circle", "square", "triangle", "star"]
 MAX_HIDDEN = 0.3          # a new shape may hide at most this fraction of an older shape
 MIN_VISIBLE_PIXELS = 20   # instances with less visible area are dropped (masked as ignore)
 _SPLITS = {"train": 0, "val": 1}
 _FILE_RE = re.compile(r"^\d{6}\.png$")
+# --preset small: objects per canvas, distractors per canvas, box side range (px)
+SMALL_OBJECTS, SMALL_DISTRACTORS, SMALL_BOX_SIDE = (40, 90), (20, 40), (8, 32)
+PRESETS = {"default": {"size": 128, "train": 1000, "val": 200},
+           "small": {"size": 1024, "train": 100, "val": 20}}
 
 
 def _shape_mask(cls: int, cx: float, cy: float, radius: float, angle: float, size: int) -> np.ndarray:
@@ -120,7 +132,8 @@ def _polygons(visible: np.ndarray) -> list[list[float]]:
     return polys
 
 
-def render_image(seed: int, split: str, index: int, size: int = 128) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def render_image(seed: int, split: str, index: int, size: int = 128
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Render one sample: UInt8[S,S,3] RGB image, UInt8[S,S] semantic mask, instance list.
 
     Each instance dict has ``category_id`` (1..4), ``bbox`` [x, y, w, h] (tight around the
@@ -152,6 +165,74 @@ def render_image(seed: int, split: str, index: int, size: int = 128) -> tuple[np
     return image, sem, instances
 
 
+def _small_shape(rng: np.random.Generator, size: int, cls: int) -> tuple[int, int, np.ndarray]:
+    """A random 8-32 px shape (``cls`` < 4) or distractor (4..7) drawn in its own patch with a 2 px
+    margin: (top, left, Bool[P,P] mask), P = patch side."""
+    radius = math.exp(rng.uniform(math.log(4.0), math.log(17.0)))
+    side = 2 * math.ceil(radius) + 5
+    top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    c = side / 2
+    angle = rng.uniform(0, 2 * math.pi)
+    if cls < len(CLASS_NAMES):
+        return top, left, _shape_mask(cls, c, c, radius, angle, side)
+    mask = np.zeros((side, side), np.uint8)
+    ends = np.round(4 * np.array([[c + radius * math.cos(angle), c + radius * math.sin(angle)],
+                                  [c - radius * math.cos(angle), c - radius * math.sin(angle)]]))
+    p, q = tuple(int(v) for v in ends[0]), tuple(int(v) for v in ends[1])
+    if cls == 4:     # ring: a hollow circle, not a filled one
+        cv2.circle(mask, (round(c * 4), round(c * 4)), round(radius * 4), 1, 1 + int(radius > 9), shift=2)
+    elif cls == 5:   # bar: a rectangle at least 3x longer than wide, unlike a square
+        cv2.line(mask, p, q, 1, max(2, round(radius / 3)), shift=2)
+    elif cls == 6:   # cross: two crossing strokes
+        cv2.line(mask, p, q, 1, 2, shift=2)
+        r = np.round(4 * (c + radius * np.array([-math.sin(angle), math.cos(angle)]))).astype(int)
+        mirrored = (round(8 * c) - int(r[0]), round(8 * c) - int(r[1]))   # through the centre
+        cv2.line(mask, (int(r[0]), int(r[1])), mirrored, 1, 2, shift=2)
+    else:            # a thin line segment
+        cv2.line(mask, p, q, 1, 1, shift=2)
+    return top, left, mask.astype(bool)
+
+
+def render_small_image(seed: int, split: str, index: int, size: int = 1024
+                       ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """``--preset small``: one canvas with many tiny shapes and distractors; returns as
+    :func:`render_image`. Shapes and distractors are placed in non-overlapping patches, so boxes
+    (pixel-edge convention, exact extents of the drawn pixels) never include another object."""
+    rng = np.random.default_rng([seed, _SPLITS.get(split, 2), index, 1])   # 1: not the default stream
+    canvas = _background(rng, size)
+    sem = np.zeros((size, size), np.uint8)
+    taken = np.zeros((size, size), bool)
+    wanted = [int(rng.integers(lo, hi + 1)) for lo, hi in (SMALL_OBJECTS, SMALL_DISTRACTORS)]
+    instances = []
+    for kind, count in enumerate(wanted):
+        placed = 0
+        for _ in range(count * 20):
+            if placed == count:
+                break
+            cls = int(rng.integers(0, 4)) + 4 * kind
+            top, left, mask = _small_shape(rng, size, cls)
+            window = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
+            ys, xs = np.nonzero(mask)
+            w, h = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+            small = SMALL_BOX_SIDE[0] <= max(w, h) <= SMALL_BOX_SIDE[1] and w * h < 32 ** 2   # COCO small
+            if taken[window].any() or mask.sum() < MIN_VISIBLE_PIXELS or not (kind or small):
+                continue
+            taken[window] = True
+            placed += 1
+            colour = _vivid_colour(rng, [canvas[window].reshape(-1, 3).mean(0)], min_dist=70)
+            canvas[window][mask] = colour + rng.normal(0, 4, size=(int(mask.sum()), 3))
+            if kind:
+                continue
+            sem[window][mask] = cls + 1
+            x0, y0 = left + int(xs.min()), top + int(ys.min())
+            polygons = [[v + (left if k % 2 == 0 else top) for k, v in enumerate(poly)]
+                        for poly in _polygons(mask)]
+            instances.append({"category_id": cls + 1, "bbox": [float(x0), float(y0), float(w), float(h)],
+                              "area": float(mask.sum()), "segmentation": polygons})
+    canvas += rng.normal(0, 5, size=canvas.shape)
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8), sem, instances
+
+
 def _clear_old(folder: Path) -> None:
     # Regenerating with fewer images must not leave stale files behind; only our own names go.
     for f in folder.glob("*.png"):
@@ -159,33 +240,41 @@ def _clear_old(folder: Path) -> None:
             f.unlink()
 
 
-def _write_split(out: Path, split: str, num: int, size: int, seed: int) -> dict:
+def _write_split(out: Path, split: str, num: int, size: int, seed: int, preset: str = "default") -> dict:
     img_dir, mask_dir = out / split, out / "masks" / split
     for d in (img_dir, mask_dir):
         d.mkdir(parents=True, exist_ok=True)
         _clear_old(d)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for i in range(num):
-        image, sem, instances = render_image(seed, split, i, size)
+        render = render_small_image if preset == "small" else render_image
+        image, sem, instances = render(seed, split, i, size)
         name = f"{i:06d}.png"
         cv2.imwrite(str(img_dir / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(mask_dir / name), sem)
         images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
         for inst in instances:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **inst})
-    return {"info": {"description": f"detkit shapes ({split}, seed {seed}, size {size})"},
+    name = "detkit shapes" if preset == "default" else f"detkit shapes, preset {preset}"
+    return {"info": {"description": f"{name} ({split}, seed {seed}, size {size})"},
             "images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(CLASS_NAMES)]}
+            "categories": [{"id": k + 1, "name": n, "supercategory": "shape"}
+                           for k, n in enumerate(CLASS_NAMES)]}
 
 
-def generate(out_dir, num_train: int, num_val: int, size: int = 128, seed: int = 0) -> Path:
+def generate(out_dir, num_train: int, num_val: int, size: int = 128, seed: int = 0,
+             preset: str = "default") -> Path:
     """Write the dataset under ``out_dir`` (layout in the module docstring); returns the folder."""
-    if size < 32:
-        raise ValueError(f"shapes: image size must be >= 32, got {size}")
+    if preset not in PRESETS:
+        raise ValueError(f"shapes: unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if size < (32 if preset == "default" else 128):
+        raise ValueError(f"shapes: image size must be >= {32 if preset == 'default' else 128} "
+                         f"for preset {preset}, got {size}")
     out = Path(out_dir)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split, num in (("train", num_train), ("val", num_val)):
-        coco = _write_split(out, split, int(num), int(size), int(seed))
+        coco = _write_split(out, split, int(num), int(size), int(seed), preset)
         with open(out / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as f:
             json.dump(coco, f, sort_keys=True, separators=(",", ":"))
     return out
@@ -232,9 +321,12 @@ def format_stats(result: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m detkit.data.shapes", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="output folder")
-    parser.add_argument("--train", type=int, default=1000, help="number of training images")
-    parser.add_argument("--val", type=int, default=200, help="number of validation images")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="default: 128 px images, shapes of 12 px..60%% of the side; small: 1024 px "
+                             "canvases with many 8-32 px shapes and distractors")
+    parser.add_argument("--train", type=int, help="number of training images (default 1000; small: 100)")
+    parser.add_argument("--val", type=int, help="number of validation images (default 200; small: 20)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default 128; small: 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stats", metavar="DIR", help="print statistics of an existing dataset and exit")
     args = parser.parse_args(argv)
@@ -243,7 +335,13 @@ def main(argv=None) -> None:
         return
     if not args.out:
         parser.error("--out DIR is required (or --stats DIR)")
-    out = generate(args.out, args.train, args.val, args.size, args.seed)
+    defaults = PRESETS[args.preset]
+    num_train, num_val, size = (defaults[k] if v is None else v for k, v in
+                                (("train", args.train), ("val", args.val), ("size", args.size)))
+    try:
+        out = generate(args.out, num_train, num_val, size, args.seed, preset=args.preset)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"wrote {out}")
     print(format_stats(stats(out)))
 
