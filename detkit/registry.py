@@ -17,8 +17,10 @@ import difflib
 import inspect
 from typing import Any, Callable
 
+from .errors import DetkitError
 
-class ConfigError(ValueError):
+
+class ConfigError(DetkitError, ValueError):
     """A configuration problem: bad key, unknown type, malformed value, missing file."""
 
 
@@ -70,7 +72,7 @@ def construct(obj: Callable, kwargs: dict, path: str, owner: str | None = None,
     check_kwargs(obj, kwargs, path, owner)
     try:
         return obj(**kwargs)
-    except ConfigError:
+    except DetkitError:   # ConfigError, or a DatasetError naming the user's file: already clear
         raise
     except errors as e:
         raise ConfigError(f"{path} ({owner}): {e}") from e

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detkit.cli import add_debug_flag, run_cli  # noqa: E402
 from detkit.config import ConfigError, load_config  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seg-pred", help="folder of predicted mask PNGs, same file names")
     p.add_argument("--num-classes", type=int, help="number of classes of the masks (with --seg-gt)")
     p.add_argument("--ignore-index", type=int, default=255)
+    add_debug_flag(p)
     args = p.parse_args(argv)
     modes = [bool(args.config or args.checkpoint), bool(args.coco_gt or args.coco_dt),
              bool(args.seg_gt or args.seg_pred)]
@@ -124,9 +126,8 @@ def write_metrics(metrics: dict, path: Path) -> None:
     path.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
 
 
-def main(argv=None) -> int:
+def eval_main(argv=None) -> int:
     args = parse_args(argv)
-    from detkit.engine import CheckpointError
     from detkit.engine.dist import cleanup_distributed, get_rank
     from detkit.evaluation import evaluate_coco_files
 
@@ -145,12 +146,15 @@ def main(argv=None) -> int:
             if out is not None:
                 write_metrics(metrics, out)
                 print(f"metrics written to {out}")
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error (rank {get_rank()}): {e}", file=sys.stderr)
-        return 2
     finally:
         cleanup_distributed()
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit code 0, or 2 with one ``error:`` line for a bad config, checkpoint or file (a
+    ValueError here comes from a malformed json or mask)."""
+    return run_cli(eval_main, argv, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detkit.config import ConfigError, load_config  # noqa: E402
-from detkit.inference import CheckpointError, Predictor  # noqa: E402
+from detkit.cli import add_debug_flag, run_cli  # noqa: E402
+from detkit.config import load_config  # noqa: E402
+from detkit.errors import DetkitError  # noqa: E402
+from detkit.inference import Predictor  # noqa: E402
 from detkit.visualize import draw_result  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
@@ -260,21 +262,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-draw", action="store_true", help="only write predictions.json")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides (put it last)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     return args
 
 
-def main(argv=None) -> int:
+def infer_main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         predictor = Predictor(cfg, args.checkpoint, device=args.device, score_thr=args.score_thr,
                               amp=args.amp, batch_size=args.batch_size)
-    except (ConfigError, CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:   # the config / checkpoint / device the user named
+        if isinstance(e, DetkitError):
+            raise
+        raise DetkitError(str(e)) from e
     items, failed = expand_inputs(args.inputs)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +303,11 @@ def main(argv=None) -> int:
     for path, reason in failed:
         print(f"FAILED {path}: {reason}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    """Exit code: 0 all inputs done, 1 some input failed, 2 bad config / checkpoint / argument."""
+    return run_cli(infer_main, argv)
 
 
 if __name__ == "__main__":

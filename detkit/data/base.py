@@ -13,7 +13,8 @@ images, applies the pipeline and converts to the sample contract::
 
 Raw dict keys: ``image`` UInt8[H,W,3] RGB, ``boxes`` Float32[N,4], ``labels`` Int64[N],
 ``iscrowd`` Bool[N], optional ``difficult`` Bool[N], optional ``sem_seg`` UInt8[H,W]
-(0 = background, k+1 = label k, 255 = ignore), ``image_id`` int, ``orig_size`` (H0, W0),
+(0 = background, k+1 = label k, 255 = ignore), optional ``masks`` UInt8[N,H,W] (0/1 instance
+masks, one per box; ``Bool[N,H,W]`` in the sample), ``image_id`` int, ``orig_size`` (H0, W0),
 ``scale`` (sx, sy) and ``offset`` (ox, oy) with ``transformed = original * scale + offset``.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DatasetError, warn_once
 from .io import ImageReadError, read_image
 
-__all__ = ["ImageRecord", "DetectionDataset", "BoxChecker", "to_sample", "resolve_path", "make_coco"]
+__all__ = ["ImageRecord", "DetectionDataset", "BoxChecker", "to_sample", "resolve_path", "make_coco",
+           "require_dir", "require_file"]
 
 CLIP_TOLERANCE = 0.5   # px: coordinates this far outside the image are rounding noise, clipped silently
 
@@ -44,6 +46,22 @@ def resolve_path(root, path) -> Path | None:
     if root is None or path.is_absolute():
         return path
     return Path(root).expanduser() / path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder, else a DatasetError naming it (``what``: "YoloDetection: image folder")."""
+    if not path.is_dir():
+        state = "is a file, not a folder" if path.exists() else "not found"
+        raise DatasetError(f"{what} {state}: {path}")
+    return path
+
+
+def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file, else a DatasetError naming it."""
+    if not path.is_file():
+        state = "is a folder, not a file" if path.exists() else "not found"
+        raise DatasetError(f"{what} {state}: {path}")
+    return path
 
 
 @dataclass
@@ -88,10 +106,10 @@ class BoxChecker:
         """Warn once if anything was clipped or dropped; returns the counts."""
         dropped = self.counts["non_finite"] + self.counts["empty"]
         if dropped or self.counts["clipped"]:
-            warnings.warn(
+            warn_once(
                 f"{self.source}: {self.counts['clipped']} boxes clipped to the image, {dropped} dropped "
                 f"({self.counts['non_finite']} non-finite, {self.counts['empty']} zero/negative area "
-                f"inside the image); e.g. {'; '.join(self.examples)}", stacklevel=3)
+                f"inside the image); e.g. {'; '.join(self.examples)}")
         return dict(self.counts)
 
 
@@ -124,6 +142,9 @@ def to_sample(raw: dict) -> tuple[torch.Tensor, dict]:
         target["difficult"] = torch.as_tensor(np.asarray(raw["difficult"], bool).reshape(-1))
     if raw.get("sem_seg") is not None:
         target["sem_seg"] = torch.from_numpy(np.ascontiguousarray(raw["sem_seg"]).astype(np.int64))
+    if raw.get("masks") is not None:
+        masks = np.asarray(raw["masks"]).reshape(n, *image.shape[:2])
+        target["masks"] = torch.from_numpy(np.ascontiguousarray(masks) > 0)
     return tensor, target
 
 
@@ -132,8 +153,9 @@ class DetectionDataset(Dataset):
 
     Subclasses set ``records``, ``class_names``, ``label_to_cat_id`` and may override
     ``load_extra(record, raw)`` to add e.g. ``sem_seg``. With ``skip_bad_images`` an unreadable
-    image is counted (``num_skipped``), warned about and replaced by the next readable one;
-    otherwise ``ImageReadError`` naming the file is raised.
+    image is counted (``num_skipped``, per process), warned about once and replaced by the next
+    readable one; otherwise ``ImageReadError`` names the file and the option. ``split_path`` (set
+    by ``build_dataset``, e.g. ``data.train``) says where that option goes in the config.
     """
 
     records: list[ImageRecord]
@@ -144,6 +166,7 @@ class DetectionDataset(Dataset):
         self.transforms = transforms
         self.skip_bad_images = bool(skip_bad_images)
         self.num_skipped = 0
+        self.split_path: str | None = None
         self.box_report: dict = {}
         self._stored_frame: set = set()   # files read without EXIF rotation (warned once each)
 
@@ -167,8 +190,8 @@ class DetectionDataset(Dataset):
                 # The annotations were made on the stored (EXIF-unrotated) frame: follow them.
                 if record.file not in self._stored_frame:
                     self._stored_frame.add(record.file)
-                    warnings.warn(f"{record.file}: annotated size {record.height}x{record.width} is the "
-                                  f"stored frame, not the EXIF-rotated one; EXIF orientation not applied")
+                    warn_once(f"{record.file}: annotated size {record.height}x{record.width} is the "
+                              f"stored frame, not the EXIF-rotated one; EXIF orientation not applied")
                 return stored
             raise ImageReadError(
                 f"{record.file}: image is {image.shape[0]}x{image.shape[1]} (HxW, EXIF orientation "
@@ -197,10 +220,13 @@ class DetectionDataset(Dataset):
                 return self.get_raw(i)
             except ImageReadError as e:
                 if not self.skip_bad_images:
-                    raise
+                    raise ImageReadError(f"{e}; to skip unreadable images (each is reported once and "
+                                         f"counted) set {self.split_path or '<split>'}.skip_bad_images: "
+                                         f"true") from None
                 self.num_skipped += 1
-                warnings.warn(f"skipping unreadable image ({self.num_skipped} so far): {e}", stacklevel=2)
-        raise ImageReadError(f"{type(self).__name__}: 32 unreadable images in a row from index {index}")
+                warn_once(f"skipping unreadable image: {e}")
+        raise ImageReadError(f"{type(self).__name__}: 32 unreadable images in a row from index {index}; "
+                             f"check the image folder")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         raw = self.get_raw_checked(index)

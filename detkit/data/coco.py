@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..registry import DATASETS
-from .base import BoxChecker, DetectionDataset, ImageRecord, resolve_path
+from .base import BoxChecker, DetectionDataset, ImageRecord, require_dir, resolve_path
 from .io import image_size
 
 __all__ = ["CocoDetection", "load_coco"]
@@ -42,15 +42,20 @@ class CocoDetection(DetectionDataset):
         filter_empty: drop images without a single non-crowd box (for training).
         with_masks: add ``sem_seg`` UInt8[H,W] rasterised from the polygons / RLE
             (0 = background, label+1 for objects, 255 for crowd regions).
+        instance_masks: add ``masks`` UInt8[N,H,W], one 0/1 mask per box (polygons, RLE and
+            crowd RLE decoded; crowd masks stay with their ignored boxes), for Mask R-CNN. The
+            json's polygons are the stored form: bitmaps exist only per loaded sample.
         skip_bad_images: replace unreadable images by the next one (counted) instead of raising.
     """
 
     def __init__(self, img_dir: str, ann_file: str, *, root: str | None = None, transforms=None,
-                 filter_empty: bool = False, with_masks: bool = False, skip_bad_images: bool = False):
+                 filter_empty: bool = False, with_masks: bool = False, instance_masks: bool = False,
+                 skip_bad_images: bool = False):
         super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
-        self.img_dir = resolve_path(root, img_dir)
+        self.img_dir = require_dir(resolve_path(root, img_dir), "CocoDetection: image folder")
         self.ann_file = resolve_path(root, ann_file)
         self.with_masks = bool(with_masks)
+        self.instance_masks = bool(instance_masks)
         self.coco = load_coco(self.ann_file)
         cats = self.coco.cats
         self.label_to_cat_id = sorted(int(c) for c in cats)
@@ -91,6 +96,8 @@ class CocoDetection(DetectionDataset):
                            iscrowd=np.array(crowd, bool).reshape(-1)[keep], extra={"ann_ids": ann_ids})
 
     def load_extra(self, record: ImageRecord, raw: dict) -> None:
+        if self.instance_masks:
+            raw["masks"] = self._instance_masks(record)
         if not self.with_masks:
             return
         sem = np.zeros((record.height, record.width), np.uint8)
@@ -104,6 +111,22 @@ class CocoDetection(DetectionDataset):
             crowd = ann.get("iscrowd", 0) or ann.get("ignore", 0)
             sem[mask] = 255 if crowd else self.cat_id_to_label[ann["category_id"]] + 1
         raw["sem_seg"] = sem
+
+    def _instance_masks(self, record: ImageRecord) -> np.ndarray:
+        """UInt8[N,H,W] masks of the record's boxes, in order (``ann_ids`` are the kept boxes')."""
+        masks = np.zeros((len(record.extra["ann_ids"]), record.height, record.width), np.uint8)
+        for i, ann_id in enumerate(record.extra["ann_ids"]):
+            ann = self.coco.anns[ann_id]
+            if not ann.get("segmentation"):
+                raise ValueError(f"{self.ann_file}: annotation id {ann_id} (image id {record.image_id}) "
+                                 f"has no 'segmentation'; instance_masks: true needs a polygon or RLE "
+                                 f"for every annotation")
+            mask = self.coco.annToMask(ann)
+            if mask.shape != masks.shape[1:]:
+                raise ValueError(f"{self.ann_file}: annotation id {ann_id} mask is {mask.shape} but "
+                                 f"image id {record.image_id} is {masks.shape[1:]}")
+            masks[i] = mask
+        return masks
 
     def coco_gt(self):
         """The json's own COCO object: official areas and crowd regions, original category ids."""

@@ -16,14 +16,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["ImageReadError", "read_image", "read_mask", "image_size", "exif_orientation"]
+from ..errors import DatasetError
+
+__all__ = ["DatasetError", "ImageReadError", "read_image", "read_mask", "image_size", "exif_orientation"]
 
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DatasetError):
     """An image file is missing, unreadable, truncated or of an unsupported kind."""
 
 

@@ -1,24 +1,43 @@
-"""YOLO txt labels: one ``images/x.jpg`` -> ``labels/x.txt`` with lines ``cls cx cy w h``.
+"""YOLO txt labels: one image ``.../images/x.jpg`` -> ``.../labels/x.txt`` with lines ``cls cx cy w h``.
 
 Coordinates are normalised to [0, 1] by the image width / height (of the image as displayed,
 EXIF orientation applied). A line with more than five numbers is a polygon ``cls x1 y1 x2 y2 ...``
-and becomes its bounding box. An image without a label file has no objects; a label file without
-an image is reported in one warning. Labels are the class indices; ``label_to_cat_id`` is
-``label + 1``.
+and becomes its bounding box. Labels are the class indices; ``label_to_cat_id`` is ``label + 1``.
+
+Two ways to name the files:
+
+* ``img_dir`` + ``label_dir`` + ``class_names``: images under ``img_dir`` (recursively), labels
+  under ``label_dir`` at the same relative path.
+* ``data_yaml`` + ``split`` (an Ultralytics ``data.yaml``)::
+
+      path: /datasets/mine        # dataset folder; relative: to the yaml's folder; absent: that folder
+      train: images/train         # a folder, a .txt list of image paths, or a list of those
+      val: images/val
+      test: images/test           # optional
+      names: [cat, dog]           # or {0: cat, 1: dog}
+
+  Split entries are relative to ``path``; lines of a .txt list are relative to the list's folder.
+  As in Ultralytics, an image's label file is its path with the last ``images`` folder replaced
+  by ``labels`` and the suffix by ``.txt``.
+
+An image without a label file is a background image (no objects); their number is printed in one
+summary line. Label files in a label folder that match no image are reported in one warning.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import yaml
 
-from ..registry import DATASETS
-from .base import BoxChecker, DetectionDataset, ImageRecord, resolve_path
+from ..errors import DatasetError, note_once, warn_once
+from ..registry import DATASETS, ConfigError
+from .base import BoxChecker, DetectionDataset, ImageRecord, require_dir, require_file, resolve_path
 from .io import image_size
 
-__all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_txt"]
+__all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_txt", "read_data_yaml", "yolo_label_path"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -33,10 +52,10 @@ def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]
         try:
             cls, values = int(float(parts[0])), [float(v) for v in parts[1:]]
         except ValueError:
-            raise ValueError(f"{txt}:{lineno}: not numbers: {line.strip()!r}") from None
+            raise DatasetError(f"{txt}:{lineno}: not numbers: {line.strip()!r}") from None
         if float(parts[0]) != cls or not 0 <= cls < num_classes:
-            raise ValueError(f"{txt}:{lineno}: class index {parts[0]} is outside 0..{num_classes - 1} "
-                             f"(the {num_classes} class_names)")
+            raise DatasetError(f"{txt}:{lineno}: class index {parts[0]} is outside 0..{num_classes - 1} "
+                               f"(the {num_classes} class names)")
         if len(values) == 4:
             cx, cy, w, h = values
             boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
@@ -44,45 +63,131 @@ def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]
             xs, ys = values[0::2], values[1::2]
             boxes.append([min(xs), min(ys), max(xs), max(ys)])
         else:
-            raise ValueError(f"{txt}:{lineno}: expected 'cls cx cy w h' or 'cls x1 y1 x2 y2 ...', "
-                             f"got {len(parts)} values")
+            raise DatasetError(f"{txt}:{lineno}: expected 'cls cx cy w h' or 'cls x1 y1 x2 y2 ...', "
+                               f"got {len(parts)} values")
         labels.append(cls)
     return np.array(labels, np.int64), np.array(boxes, np.float64).reshape(-1, 4)
 
 
+def yolo_label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last ``images`` folder of the path -> ``labels``, suffix -> ``.txt``."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _class_names(names, source: Path) -> list[str]:
+    """A data.yaml ``names`` entry (list, or {id: name} with ids 0..N-1) -> names in index order."""
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    if isinstance(names, dict):
+        try:
+            ids = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{source}: 'names' keys must be class indices, got {list(names)}") from None
+        if ids != list(range(len(ids))):
+            raise DatasetError(f"{source}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {ids}")
+        by_id = {int(k): str(v) for k, v in names.items()}
+        return [by_id[i] for i in ids]
+    raise DatasetError(f"{source}: 'names' must be a list or an {{id: name}} mapping, got {names!r}")
+
+
+def read_data_yaml(path: Path, split: str) -> tuple[list[Path], list[str]]:
+    """The image sources (folders or .txt lists, absolute) of ``split`` and the class names."""
+    require_file(path, "YoloDetection: data_yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise DatasetError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict) or "names" not in data:
+        raise DatasetError(f"{path}: expected a mapping with 'names' and the split folders "
+                           f"(path, train, val[, test])")
+    base = path.parent / str(data.get("path") or ".")
+    if data.get(split) in (None, ""):
+        splits = [k for k in ("train", "val", "test") if data.get(k)]
+        raise DatasetError(f"{path}: no '{split}' entry (it has: {', '.join(splits) or 'none'})")
+    entries = data[split] if isinstance(data[split], list) else [data[split]]
+    return [(base / str(e)).resolve() for e in entries], _class_names(data["names"], path)
+
+
+def _list_images(source: Path) -> list[Path]:
+    """Image files of a folder (recursively) or of a .txt list (one path a line)."""
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if source.is_file() and source.suffix == ".txt":
+        lines = [ln.strip() for ln in source.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return [(source.parent / ln).resolve() for ln in lines]
+    raise DatasetError(f"YoloDetection: image folder or list not found: {source}")
+
+
 @DATASETS.register()
 class YoloDetection(DetectionDataset):
-    """Images under ``img_dir`` (searched recursively) and labels under ``label_dir`` (same relative
-    path, ``.txt``), both relative to ``root``; ``class_names`` lists the classes in index order."""
+    """YOLO txt labels from ``img_dir``/``label_dir`` + ``class_names``, or from an Ultralytics
+    ``data_yaml`` and its ``split`` (train / val / test); paths relative to ``root``."""
 
-    def __init__(self, img_dir: str, label_dir: str, class_names: list[str], *, root: str | None = None,
-                 transforms=None, filter_empty: bool = False, skip_bad_images: bool = False):
+    def __init__(self, img_dir: str | None = None, label_dir: str | None = None,
+                 class_names: list[str] | None = None, *, data_yaml: str | None = None, split: str = "train",
+                 root: str | None = None, transforms=None, filter_empty: bool = False,
+                 skip_bad_images: bool = False):
         super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
-        self.img_dir = resolve_path(root, img_dir)
-        self.label_dir = resolve_path(root, label_dir)
-        if not self.img_dir.is_dir():
-            raise FileNotFoundError(f"YoloDetection: image folder not found: {self.img_dir}")
-        if not self.label_dir.is_dir():
-            raise FileNotFoundError(f"YoloDetection: label folder not found: {self.label_dir}")
-        self.class_names = [str(n) for n in class_names]
-        self.label_to_cat_id = list(range(1, len(self.class_names) + 1))
-        files = sorted(p for p in self.img_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        checker = BoxChecker(str(self.label_dir))
-        self.records = [self._record(k, f, checker) for k, f in enumerate(files)]
-        self.box_report = checker.report()
-        self.orphan_labels = self._orphans(files)
-        if self.orphan_labels:
-            warnings.warn(f"{self.label_dir}: {len(self.orphan_labels)} label files have no image in "
-                          f"{self.img_dir}, e.g. {', '.join(map(str, self.orphan_labels[:3]))}", stacklevel=2)
+        label_of: Callable[[Path], Path] = yolo_label_path
+        if data_yaml is not None:
+            if img_dir is not None or label_dir is not None:
+                raise ConfigError("YoloDetection: give either data_yaml (+ split) or img_dir + label_dir")
+            source = resolve_path(root, data_yaml)
+            assert source is not None
+            sources, names = read_data_yaml(source, split)
+            if class_names is not None and [str(n) for n in class_names] != names:
+                raise ConfigError(f"YoloDetection: class_names {class_names} differ from the names "
+                                  f"{names} of {source}; leave class_names out")
+            files = sorted({f for s in sources for f in _list_images(s)})
+            label_dirs = [yolo_label_path(s / "x").parent for s in sources if s.is_dir()]
+        else:
+            if img_dir is None or label_dir is None or class_names is None:
+                raise ConfigError("YoloDetection: needs img_dir, label_dir and class_names, or data_yaml")
+            images = require_dir(resolve_path(root, img_dir), "YoloDetection: image folder")
+            labels = require_dir(resolve_path(root, label_dir), "YoloDetection: label folder")
+            names, files, label_dirs = [str(n) for n in class_names], self._files(images), [labels]
+
+            def paired_label(image: Path) -> Path:
+                return (labels / image.relative_to(images)).with_suffix(".txt")
+            label_of = paired_label
+        self.class_names = names
+        self.label_to_cat_id = list(range(1, len(names) + 1))
+        self.source = str(source if data_yaml is not None else label_dirs[0])
+        self._load(files, label_of, label_dirs)
         if filter_empty:
             self.filter_empty_records()
 
-    def _label_file(self, image: Path) -> Path:
-        return (self.label_dir / image.relative_to(self.img_dir)).with_suffix(".txt")
+    @staticmethod
+    def _files(img_dir: Path) -> list[Path]:
+        return sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
-    def _record(self, k: int, file: Path, checker: BoxChecker) -> ImageRecord:
+    def _load(self, files: list[Path], label_of, label_dirs: list[Path]) -> None:
+        """Fill ``records``; report background images and label files without an image."""
+        checker = BoxChecker(self.source)
+        self.records, background = [], 0
+        for k, file in enumerate(files):
+            txt = label_of(file)
+            background += not txt.is_file()
+            self.records.append(self._record(k, file, txt, checker))
+        self.box_report = checker.report()
+        self.num_background = background
+        if background:
+            note_once(f"{self.source}: {len(files)} images, {background} without a label file "
+                      f"(background images: no objects)")
+        expected = {label_of(f) for f in files}
+        self.orphan_labels = sorted(p for d in label_dirs if d.is_dir() for p in d.rglob("*.txt")
+                                    if p not in expected and p.name != "classes.txt")
+        if self.orphan_labels:
+            warn_once(f"{self.source}: {len(self.orphan_labels)} label files have no image, e.g. "
+                      f"{', '.join(map(str, self.orphan_labels[:3]))}")
+
+    def _record(self, k: int, file: Path, txt: Path, checker: BoxChecker) -> ImageRecord:
         height, width = image_size(file)
-        txt = self._label_file(file)
         if txt.is_file():
             labels, boxes = parse_yolo_txt(txt, len(self.class_names))
         else:
@@ -92,7 +197,3 @@ class YoloDetection(DetectionDataset):
         boxes, keep = checker(boxes, height, width, names)
         return ImageRecord(image_id=k + 1, file=file, height=height, width=width, boxes=boxes[keep],
                            labels=labels[keep], iscrowd=np.zeros(int(keep.sum()), bool))
-
-    def _orphans(self, files: list[Path]) -> list[Path]:
-        expected = {self._label_file(f) for f in files}
-        return sorted(p for p in self.label_dir.rglob("*.txt") if p not in expected and p.name != "classes.txt")

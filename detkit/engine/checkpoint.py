@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import DetkitError
+
 __all__ = ["CheckpointError", "save_checkpoint", "atomic_write_bytes", "load_checkpoint",
            "resume_candidates", "load_resume_checkpoint", "prune_iter_checkpoints",
            "load_model_weights", "inference_state_dict", "get_rng_state", "set_rng_state",
@@ -32,7 +34,7 @@ __all__ = ["CheckpointError", "save_checkpoint", "atomic_write_bytes", "load_che
 ITER_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DetkitError, RuntimeError):
     """A checkpoint that cannot be read, or whose weights do not fit the model."""
 
 
