@@ -8,7 +8,8 @@ All per-RoI computation of Faster R-CNN's box head is replaced by convolutions s
 whole image: a 1x1 conv reduces the backbone map to D channels (the paper: 1024 on ResNet-101's
 dilated C5, stride 16), then a conv predicts k^2 (C + 1) class score maps and a conv predicts
 k^2 * 4 class-agnostic box maps. Bin (i, j) of an RoI is pooled only from the channel group
-(i, j) of the maps (``torchvision.ops.ps_roi_pool``, or ``ps_roi_align`` with ``align=True``),
+(i, j) of the maps (the paper's average pooling over every cell the bin touches,
+``detkit.models.ps_roi_pool``; or torchvision's bilinear ``ps_roi_align`` with ``align=True``),
 and the k x k bins vote by averaging into C + 1 logits and 4 box deltas. Training reuses
 Faster R-CNN's RoI assignment, sampling and losses (``RoIHeadBase``) with class-agnostic box
 regression, as the paper. Online hard example mining (the paper trains with OHEM: losses of all
@@ -18,15 +19,16 @@ RoIs, are back-propagated) is ``ohem: true``; otherwise the balanced sampler pic
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms, ps_roi_align, ps_roi_pool
+from torchvision.ops import nms, ps_roi_align
 
 from ...registry import HEADS
 from ...structures import ShapeSpec
+from ..ps_roi_pool import ps_roi_avg_pool
 from .roi_head import RoIHeadBase
 
 __all__ = ["RFCNHead", "position_sensitive_vote"]
@@ -36,12 +38,14 @@ def position_sensitive_vote(maps: Tensor, rois: list[Tensor], group_size: int, s
                             align: bool = False, sampling_ratio: int = 2) -> Tensor:
     """Float[B, k*k*O, H, W] maps + Float[R_b, 4] RoIs per image -> Float[R, O] averaged bin votes.
 
-    Bin (i, j) of output channel o reads input channel ``(o * k + i) * k + j``.
+    Bin (i, j) of output channel o reads input channel ``(o * k + i) * k + j``. ``align=False``:
+    the average over every map cell the bin touches (``ps_roi_avg_pool``, the paper's pooling);
+    ``align=True``: ``torchvision.ops.ps_roi_align`` with ``sampling_ratio`` points per bin axis.
     """
     if align:
         pooled = ps_roi_align(maps, rois, group_size, spatial_scale, sampling_ratio)
     else:
-        pooled = ps_roi_pool(maps, rois, group_size, spatial_scale)
+        pooled = ps_roi_avg_pool(maps, rois, group_size, spatial_scale)
     return pooled.mean(dim=(2, 3))
 
 
@@ -54,9 +58,8 @@ class RFCNHead(RoIHeadBase):
             coarsest; R-FCN uses dilated C5 at stride 16).
         reduced_channels: D, the 1x1 reduction (1024 in the paper).
         group_size: k (7 in the paper's ResNet-101 experiments).
-        align: bilinear PS-RoIAlign instead of the paper's PS-RoI average pooling. Use it on
-            coarse maps: pooling rounds RoIs at the bottom/right border past the last cell,
-            leaving their bins empty (a vote of 0 for every class).
+        align: bilinear PS-RoIAlign (``torchvision.ops.ps_roi_align``) instead of the paper's
+            PS-RoI average pooling (``ps_roi_avg_pool``, which reads whole cells).
         ohem / ohem_batch_size / ohem_nms_thresh: online hard example mining (see module doc).
         Other keyword arguments: RoI assignment / sampling / post-processing (``RoIHeadBase``).
     """
@@ -82,7 +85,7 @@ class RFCNHead(RoIHeadBase):
         self.box_maps = nn.Conv2d(reduced_channels, k2 * 4, 1)
         for conv in (self.reduce, self.cls_maps, self.box_maps):
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            nn.init.zeros_(cast(Tensor, conv.bias))
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_sizes: Sequence[tuple[int, int]]) -> dict:
