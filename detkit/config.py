@@ -1,10 +1,11 @@
 """YAML configs: ``_base_`` inheritance, ``a.b=value`` overrides, dumping, validation.
 
 A config is data, never code: files are read with ``yaml.safe_load`` (a ``!!python/...`` tag is
-refused). A file may list ``_base_: [a.yaml, b.yaml]`` (paths relative to that file); bases are
-deep-merged in order, then the file itself on top. A key ``_delete_: true`` inside a mapping
-replaces the inherited mapping instead of merging into it. Inheritance is at most two levels
-deep (a base may have bases, those may not), which keeps a config readable from two files.
+refused). A file may list ``_base_: [a.yaml, b.yaml]`` (paths relative to that file, or absolute;
+``~`` is expanded); bases are deep-merged in order, then the file itself on top. Bases may have
+bases to any depth (your config on your config on a shipped COCO config); a file that reaches
+itself again is an error naming the whole chain. A key ``_delete_: true`` inside a mapping
+replaces the inherited mapping instead of merging into it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from .registry import ConfigError, closest
 
 __all__ = ["ConfigError", "load_config", "merge", "apply_overrides", "dump_config",
            "get_path", "check_keys"]
-
-MAX_BASE_DEPTH = 2
 
 
 def _read_yaml(path: Path) -> dict:
@@ -55,21 +54,24 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _load_with_bases(path: Path, depth: int) -> dict:
+def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
+    """``path`` merged over its bases; ``chain`` lists the files that (transitively) inherit it."""
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(path):], path))
+        raise ConfigError(f"_base_ cycle: {cycle}")
     data = _read_yaml(path)
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
-    if not isinstance(bases, list):
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: _base_ must be a list of paths")
-    if bases and depth >= MAX_BASE_DEPTH:
-        raise ConfigError(f"{path}: _base_ nested more than {MAX_BASE_DEPTH} levels deep")
     merged: dict = {}
     for base in bases:
-        base_path = (path.parent / base).resolve()
+        base_path = (path.parent / Path(base).expanduser()).resolve()
         if not base_path.is_file():
-            raise ConfigError(f"{path}: _base_ file not found: {base} (resolved to {base_path})")
-        merged = merge(merged, _load_with_bases(base_path, depth + 1))
+            via = "".join(f"\n  inherited by {p}" for p in reversed(chain))
+            raise ConfigError(f"{path}: _base_ file not found: {base} (resolved to {base_path}){via}")
+        merged = merge(merged, _load_with_bases(base_path, (*chain, path)))
     return merge(merged, data)
 
 
@@ -137,7 +139,7 @@ def _step(node: Any, part: str, where: str) -> Any:
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     """Read a YAML config with its ``_base_`` files and apply ``key.path=value`` overrides."""
-    cfg = _load_with_bases(Path(path).resolve(), depth=0)
+    cfg = _load_with_bases(Path(path).expanduser().resolve(), chain=())
     return apply_overrides(cfg, overrides)
 
 

@@ -103,14 +103,34 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(lst)
 
 
-def test_base_depth_limited(tmp_path):
-    write(tmp_path / "a.yaml", "x: 1\n")
+def test_base_any_depth_and_absolute_paths(tmp_path):
+    # Four levels: d -> c (absolute path, another folder) -> b -> a; each level overrides one key.
+    write(tmp_path / "a.yaml", "x: 1\ny: 1\nz: 1\nw: {p: 1, q: 1}\n")
+    write(tmp_path / "b.yaml", "_base_: [a.yaml]\ny: 2\nw: {p: 2}\n")
+    write(tmp_path / "sub" / "c.yaml", f"_base_: [{tmp_path / 'b.yaml'}]\nz: 3\n")
+    write(tmp_path / "d.yaml", "_base_: [sub/c.yaml]\nw: {q: 4}\n")
+    assert load_config(tmp_path / "d.yaml") == {"x": 1, "y": 2, "z": 3, "w": {"p": 2, "q": 4}}
+
+
+def test_base_cycle_names_the_chain(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: [c.yaml]\nx: 1\n")
     write(tmp_path / "b.yaml", "_base_: [a.yaml]\n")
     write(tmp_path / "c.yaml", "_base_: [b.yaml]\n")
-    assert load_config(tmp_path / "c.yaml") == {"x": 1}
-    write(tmp_path / "d.yaml", "_base_: [c.yaml]\n")
-    with pytest.raises(ConfigError, match="nested more than 2"):
-        load_config(tmp_path / "d.yaml")
+    write(tmp_path / "top.yaml", "_base_: [a.yaml]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "top.yaml")
+    chain = " -> ".join(str(tmp_path / f) for f in ("a.yaml", "c.yaml", "b.yaml", "a.yaml"))
+    assert str(info.value) == f"_base_ cycle: {chain}"
+    write(tmp_path / "self.yaml", "_base_: [self.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_missing_base_names_who_inherits_it(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: [gone.yaml]\n")
+    write(tmp_path / "b.yaml", "_base_: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"(?s)gone\.yaml.*inherited by .*b\.yaml"):
+        load_config(tmp_path / "b.yaml")
 
 
 def test_delete_replaces_mapping():
