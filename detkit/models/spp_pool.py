@@ -59,14 +59,28 @@ class SPPRoIPool(nn.Module):
     """Pool each RoI into every b x b grid of ``bins``: -> Float[K, C * L, 1, 1], ordered like the
     input (a fixed-length vector per RoI, shaped as a 1 x 1 map so any box head can consume it).
 
-    ``featmap_names`` are the feature levels to pool from; their strides are read from the
-    feature sizes relative to the (padded) image, as MultiScaleRoIAlign does.
+    ``featmap_names`` are the feature levels to pool from and ``strides`` their strides in input
+    pixels (``ShapeSpec.stride``; ``RoIHead`` passes them from the config, as ``make_pooler`` does
+    for RoIAlign). Guessing a level's scale from ``feature size / image size`` goes wrong on
+    small padded images (a 40 px image padded to 64 has a 16 px p2: every level would get twice
+    its scale and the FPN rule would pick a level one too coarse).
     """
 
-    def __init__(self, *, featmap_names: Sequence[str], bins: Sequence[int] = (1, 2, 4),
-                 canonical_scale: float = 224.0, canonical_level: int = 4):
+    def __init__(self, *, featmap_names: Sequence[str], strides: Sequence[int],
+                 bins: Sequence[int] = (1, 2, 4), canonical_scale: float = 224.0,
+                 canonical_level: int = 4):
         super().__init__()
         self.featmap_names = list(featmap_names)
+        if len(strides) != len(self.featmap_names):
+            raise ValueError(f"SPPRoIPool: {len(strides)} strides for {len(self.featmap_names)} "
+                             f"feature maps {self.featmap_names}")
+        levels = [math.log2(s) for s in strides]
+        if len(levels) > 1 and (any(lv != round(lv) for lv in levels)
+                                or any(b - a != 1 for a, b in zip(levels, levels[1:]))):
+            raise ValueError(f"SPPRoIPool: the FPN level rule needs strides that are consecutive "
+                             f"powers of two, got {list(strides)} for {self.featmap_names}")
+        self.scales = [1.0 / s for s in strides]
+        self.levels = [round(lv) for lv in levels]
         self.spp = SpatialPyramidPool(bins=bins)
         self.bins = self.spp.bins
         self.canonical_scale, self.canonical_level = canonical_scale, canonical_level
@@ -76,18 +90,19 @@ class SPPRoIPool(nn.Module):
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> Tensor:
+        """Float[B,C,Hl,Wl] maps, Float[K_b,4] xyxy RoIs per image -> Float[K, C * L, 1, 1].
+
+        ``image_sizes`` is not needed (the strides are known); it keeps MultiScaleRoIAlign's call.
+        """
         feats = [features[name] for name in self.featmap_names]
-        padded_h = max(h for h, _ in image_sizes)
-        scales = [2.0 ** round(math.log2(f.shape[-2] / padded_h)) for f in feats]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         channels = feats[0].shape[1]
         out = rois.new_zeros(rois.shape[0], self.output_dim(channels), dtype=feats[0].dtype)
         if len(feats) == 1:
-            return self._pool(feats[0], rois, scales[0])[:, :, None, None]
-        levels = -torch.log2(torch.tensor(scales)).round().to(torch.int64)  # stride exponents
-        assigned = fpn_level_of_boxes(rois[:, 1:], int(levels.min()), int(levels.max()),
+            return self._pool(feats[0], rois, self.scales[0])[:, :, None, None]
+        assigned = fpn_level_of_boxes(rois[:, 1:], self.levels[0], self.levels[-1],
                                       self.canonical_scale, self.canonical_level)
-        for feat, scale, level in zip(feats, scales, levels.tolist()):
+        for feat, scale, level in zip(feats, self.scales, self.levels):
             idx = torch.where(assigned == level)[0]
             if idx.numel():
                 out[idx] = self._pool(feat, rois[idx], scale)

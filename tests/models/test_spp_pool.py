@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from detkit.models.spp_pool import SPPRoIPool, SpatialPyramidPool, fpn_level_of_boxes
+from detkit.models.spp_pool import SpatialPyramidPool, SPPRoIPool, fpn_level_of_boxes
 
 
 @pytest.mark.parametrize("size", [(5, 7), (13, 13), (32, 20)])
@@ -25,7 +25,7 @@ def test_matches_hand_computed_max_pool():
 
 def test_roi_pool_fixed_length_and_values():
     feat = torch.arange(64.0).view(1, 1, 8, 8)
-    pool = SPPRoIPool(featmap_names=["p"], bins=[1, 2])
+    pool = SPPRoIPool(featmap_names=["p"], strides=[2], bins=[1, 2])
     # stride 2; torchvision's roi_pool (Fast R-CNN convention) rounds box / 2 to cells, inclusive
     boxes = [torch.tensor([[0.0, 0.0, 14.0, 14.0], [4.0, 4.0, 10.0, 10.0]])]
     out = pool({"p": feat}, boxes, [(16, 16)]).flatten(1)
@@ -40,9 +40,29 @@ def test_fpn_level_rule_and_multi_level_routing():
     boxes = torch.tensor([[0.0, 0.0, 224.0, 224.0], [0.0, 0.0, 56.0, 56.0], [0.0, 0.0, 900.0, 900.0]])
     assert fpn_level_of_boxes(boxes, 2, 5).tolist() == [4, 2, 5]
     feats = {"p2": torch.zeros(1, 2, 64, 64), "p3": torch.ones(1, 2, 32, 32)}
-    pool = SPPRoIPool(featmap_names=["p2", "p3"], bins=[1])
-    out = pool(feats, [torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 200.0, 200.0]])], [(256, 256)]).flatten(1)
+    pool = SPPRoIPool(featmap_names=["p2", "p3"], strides=[4, 8], bins=[1])
+    boxes = [torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 200.0, 200.0]])]
+    out = pool(feats, boxes, [(256, 256)]).flatten(1)
     assert out[:, 0].tolist() == [0.0, 1.0]  # the small box pooled from p2, the large one from p3
+
+
+def test_small_padded_image_uses_the_configured_strides():
+    # a 40 px image padded to 64: p2 is 16 x 16 (stride 4), p3 8 x 8, p4 4 x 4, p5 2 x 2. The old
+    # guess from the unpadded height (16 / 40 -> 2 ** round(log2 0.4) = 1/2) doubled every scale.
+    cols = torch.arange(16.0).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    feats = {"p2": cols, "p3": cols[..., ::2, ::2] + 100, "p4": cols[..., ::4, ::4] + 200,
+             "p5": cols[..., ::8, ::8] + 300}
+    pool = SPPRoIPool(featmap_names=["p2", "p3", "p4", "p5"], strides=[4, 8, 16, 32], bins=[1])
+    box = [torch.tensor([[0.0, 0.0, 20.0, 20.0]])]  # sqrt(area) 20 -> FPN level 2 (p2)
+    # pooled from p2: cells 0..5 (20 px / 4, inclusive rounding) -> max column value 5
+    assert pool(feats, box, [(40, 40)]).flatten().tolist() == [5.0]
+
+
+def test_strides_must_fit_the_levels():
+    with pytest.raises(ValueError, match="2 strides for 1 feature maps"):
+        SPPRoIPool(featmap_names=["p2"], strides=[4, 8])
+    with pytest.raises(ValueError, match="consecutive powers of two"):
+        SPPRoIPool(featmap_names=["p2", "p3"], strides=[4, 16])
 
 
 def test_bad_bins():
@@ -50,7 +70,8 @@ def test_bad_bins():
         SpatialPyramidPool(bins=[0, 2])
 
 
-@pytest.mark.parametrize("config", ["faster_rcnn/faster_rcnn_r18_fpn_spp_shapes.yaml", "rfcn/rfcn_r18_shapes.yaml"])
+@pytest.mark.parametrize("config", ["faster_rcnn/faster_rcnn_r18_fpn_spp_shapes.yaml",
+                                    "rfcn/rfcn_r18_shapes.yaml"])
 def test_classic_two_stage_configs_build_train_and_predict(config):
     from pathlib import Path
 

@@ -240,7 +240,8 @@ class RoIHead(RoIHeadBase):
             raise ConfigError(f"{path}.in_features: {e}") from None
         roi_pooler = None
         if pooler_cfg is not None:
-            roi_pooler = ROI_POOLERS.build(pooler_cfg, f"{path}.roi_pooler", featmap_names=names)
+            roi_pooler = ROI_POOLERS.build(pooler_cfg, f"{path}.roi_pooler", featmap_names=names,
+                                           strides=[input_shapes[n].stride for n in names])
         box_head = None
         if box_cfg is not None:
             pooled = box_head_inputs(roi_pooler, input_shapes[names[0]].channels,
