@@ -81,6 +81,22 @@ def test_crowd_is_not_assigned_and_not_negative():
     assert a["obj"].sum() == 0 and a["ignore"][0, :3, :3].all() and not a["ignore"][0, 3:, 3:].any()
 
 
+def test_difficult_is_ignored_like_crowd():
+    # the image's only box is VOC-difficult: no positive cell (loss_cls, loss_box, loss_obj 0) and
+    # no no-object loss in the cells it covers
+    head = make_head()
+    out = head({"c5": torch.randn(1, 16, 7, 7)})
+    t = {"boxes": torch.tensor([[0.0, 0.0, 64.0, 64.0]]), "labels": torch.tensor([1]),
+         "difficult": torch.tensor([True])}
+    a = head.assign(out, [t])
+    assert a["obj"].sum() == 0 and a["ignore"][0, :3, :3].all() and not a["ignore"][0, 3:, 3:].any()
+    losses = head.loss(out, [t], [(224, 224)])
+    assert losses["loss_cls"] == 0 and losses["loss_box"] == 0 and losses["loss_obj"] == 0
+    outside = ~a["ignore"][0]
+    expected = head.lambda_noobj * (out["conf"][0] ** 2 * outside).sum()
+    assert torch.isclose(losses["loss_noobj"], expected)
+
+
 def test_training_lowers_loss_and_predict_finds_box():
     head = make_head()
     feats = {"c5": torch.randn(1, 16, 7, 7)}

@@ -24,7 +24,8 @@ with it. Deviations, all documented here:
 * a cell holds one object (as in the paper); when several centres fall in one cell, the largest
   box is kept (the paper leaves this open);
 * ``rescore=False`` trains confidence towards 1 instead of the IoU (a common variant);
-* crowd boxes are never assigned; predictors in their cells get no no-object loss.
+* crowd and VOC ``difficult`` boxes are never assigned; predictors in their cells get no
+  no-object loss (the other heads and the VOC evaluator ignore difficult boxes too).
 """
 
 from __future__ import annotations
@@ -125,11 +126,11 @@ class YOLOv1Head(nn.Module):
         return {"box": boxes[:, :, :4], "conf": boxes[:, :, 4],
                 "cls_prob": raw[:, self.num_boxes * 5:].softmax(dim=1)}
 
-    def _crowd_cells(self, target: dict, grid: tuple[int, int], device) -> Tensor:
-        mask = torch.zeros(grid, dtype=torch.bool, device=device)
-        crowd = target.get("iscrowd")
-        if crowd is not None and crowd.any():
-            for x0, y0, x1, y1 in target["boxes"][crowd.bool()].tolist():
+    def _ignored_cells(self, target: dict, ignored: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Bool[S_h,S_w]: cells overlapped by an ignored (crowd / difficult) box."""
+        mask = torch.zeros(grid, dtype=torch.bool, device=ignored.device)
+        if ignored.any():
+            for x0, y0, x1, y1 in target["boxes"][ignored].tolist():
                 mask[int(y0 // self.stride): int(y1 // self.stride) + 1,
                      int(x0 // self.stride): int(x1 // self.stride) + 1] = True
         return mask
@@ -138,12 +139,12 @@ class YOLOv1Head(nn.Module):
         """Per image grid targets plus ``responsible`` Bool[B,P,S_h,S_w] and ``iou`` Float[B,P,S_h,S_w]."""
         b, p, _, sh, sw = outputs["box"].shape
         pred_xyxy = yolov1_decode_boxes(outputs["box"].detach(), self.stride)  # [B,P,S,S,4]
-        enc, crowd_cells = [], []
+        enc, ignored_cells = [], []
         for t in targets:
-            keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["boxes"]), dtype=torch.bool,
-                                                                          device=t["boxes"].device)
-            enc.append(yolov1_encode_targets(t["boxes"][keep], t["labels"][keep], (sh, sw), self.stride))
-            crowd_cells.append(self._crowd_cells(t, (sh, sw), t["boxes"].device))
+            ignored = _ignored_boxes(t)
+            enc.append(yolov1_encode_targets(t["boxes"][~ignored], t["labels"][~ignored], (sh, sw),
+                                             self.stride))
+            ignored_cells.append(self._ignored_cells(t, ignored, (sh, sw)))
         obj = torch.stack([e["obj"] for e in enc])                      # [B,S,S]
         gt_xyxy = torch.stack([e["gt_xyxy"] for e in enc])              # [B,S,S,4]
         iou = _paired_iou(pred_xyxy, gt_xyxy[:, None].expand_as(pred_xyxy))  # [B,P,S,S]
@@ -151,7 +152,7 @@ class YOLOv1Head(nn.Module):
         responsible = F.one_hot(best, p).permute(0, 3, 1, 2).bool() & obj[:, None]
         return {"obj": obj, "box": torch.stack([e["box"] for e in enc]),
                 "label": torch.stack([e["label"] for e in enc]), "responsible": responsible,
-                "iou": iou * obj[:, None], "ignore": torch.stack(crowd_cells) & ~obj}
+                "iou": iou * obj[:, None], "ignore": torch.stack(ignored_cells) & ~obj}
 
     def loss(self, outputs: dict[str, Tensor], targets: list[dict], image_sizes) -> dict[str, Tensor]:
         a = self.assign(outputs, targets)
@@ -186,6 +187,15 @@ class YOLOv1Head(nn.Module):
             keep = batched_nms(boxes, scores, labels, self.nms_thr)[: self.max_detections]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
+
+
+def _ignored_boxes(target: dict) -> Tensor:
+    """Bool[N]: crowd or difficult boxes (never positives; see the module docstring)."""
+    ignored = torch.zeros(len(target["boxes"]), dtype=torch.bool, device=target["boxes"].device)
+    for key in ("iscrowd", "difficult"):
+        if key in target:
+            ignored |= target[key].bool()
+    return ignored
 
 
 def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
