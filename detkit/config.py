@@ -6,6 +6,10 @@ refused). A file may list ``_base_: [a.yaml, b.yaml]`` (paths relative to that f
 bases to any depth (your config on your config on a shipped COCO config); a file that reaches
 itself again is an error naming the whole chain. A key ``_delete_: true`` inside a mapping
 replaces the inherited mapping instead of merging into it.
+
+Segmentation has one key for the ignored mask value: ``data.ignore_index`` (255 when absent).
+:func:`load_config` copies it to every place that needs it (see :func:`propagate_ignore_index`),
+so the resolved config shows them all; a conflicting value set by hand is an error.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import yaml
 from .registry import ConfigError, closest
 
 __all__ = ["ConfigError", "load_config", "merge", "apply_overrides", "dump_config",
-           "get_path", "check_keys"]
+           "get_path", "check_keys", "propagate_ignore_index"]
+
+# Where data.ignore_index goes: the Segmentor's head (loss), the SegEvaluator (scores), the
+# SemanticSegDataset nodes (mask checks) and the mask padding of the resize transforms.
+_IGNORE_TARGETS = {"SegEvaluator": "ignore_index", "SemanticSegDataset": "ignore_index",
+                   "Letterbox": "mask_pad_value", "PadToMultiple": "mask_pad_value"}
 
 
 def _read_yaml(path: Path) -> dict:
@@ -140,7 +149,48 @@ def _step(node: Any, part: str, where: str) -> Any:
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     """Read a YAML config with its ``_base_`` files and apply ``key.path=value`` overrides."""
     cfg = _load_with_bases(Path(path).expanduser().resolve(), chain=())
-    return apply_overrides(cfg, overrides)
+    return propagate_ignore_index(apply_overrides(cfg, overrides))
+
+
+def propagate_ignore_index(cfg: dict) -> dict:
+    """Copy ``data.ignore_index`` into ``model.head`` of a Segmentor, the SegEvaluator, the
+    SemanticSegDataset nodes and Letterbox / PadToMultiple ``mask_pad_value`` (in place; returns
+    ``cfg``). A different value already set at one of those keys is a ConfigError naming it."""
+    data = cfg.get("data")
+    if not isinstance(data, dict) or data.get("ignore_index") is None:
+        return cfg
+    value = data["ignore_index"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
+        raise ConfigError(f"data.ignore_index: expected a mask value 0..255, got {value!r}")
+    targets: list[tuple[dict, str, str]] = []
+    model = cfg.get("model")
+    if isinstance(model, dict) and model.get("type") == "Segmentor" and isinstance(model.get("head"), dict):
+        targets.append((model["head"], "ignore_index", "model.head"))
+    for node, where in _typed_nodes({"evaluation": cfg.get("evaluation"), "data": data}):
+        if node["type"] in _IGNORE_TARGETS:
+            targets.append((node, _IGNORE_TARGETS[node["type"]], where))
+    for node, key, where in targets:
+        if node.get(key, value) != value:
+            raise ConfigError(f"{where}.{key} is {node[key]} but data.ignore_index is {value}; set the "
+                              f"ignored label only as data.ignore_index")
+        node[key] = value
+    return cfg
+
+
+def _typed_nodes(node: Any, where: str = "") -> list[tuple[dict, str]]:
+    """Every mapping with a ``type`` key inside ``node`` (dicts and lists), with its key path."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            found.append((node, where))
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return []
+    for key, child in items:
+        found += _typed_nodes(child, f"{where}.{key}" if where else str(key))
+    return found
 
 
 def dump_config(cfg: dict, path: str | os.PathLike | None = None) -> str:

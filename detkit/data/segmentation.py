@@ -1,19 +1,28 @@
 """Semantic segmentation: image folder + PNG mask folder (VOC ``SegmentationClass`` layout).
 
 A mask pixel value ``v`` is the class ``class_names[v]`` (so ``class_names`` normally starts
-with ``background``); 255 is ignore (VOC's object borders). Palette PNGs (VOC) are read as their
+with ``background``); ``ignore_index`` (255 by default: VOC's object borders) is never trained on
+nor scored. Set it once for the whole config as ``data.ignore_index`` (``detkit.config`` copies it
+here, to the segmentation head and to the evaluator). Palette PNGs (VOC) are read as their
 palette indices, not their colours. Works for the built-in shapes masks with
 ``class_names: [background, circle, square, triangle, star]``. Samples carry ``sem_seg``
 Int64[H,W] and an empty ``boxes`` Float[0,4].
+
+Sparse ids (e.g. COCO panoptic semantic PNGs with category ids 1..200 and gaps): list the ids in
+class order as ``mask_values: [0, 1, 2, ..., 200]``; mask value ``mask_values[k]`` becomes class
+``k`` and any value not listed becomes ``ignore_index``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from ..errors import DatasetError, warn_once
 from ..registry import DATASETS
-from .base import DetectionDataset, ImageRecord, resolve_path
-from .io import image_size, read_image, read_mask
+from .base import DetectionDataset, ImageRecord, require_dir, require_file, resolve_path
+from .io import IMAGE_EXTENSIONS, image_size, read_image, read_mask
 
 __all__ = ["SemanticSegDataset", "VOC_SEG_CLASSES"]
 
@@ -29,40 +38,60 @@ class SemanticSegDataset(DetectionDataset):
 
     Args:
         split_file: optional text file listing the stems to use (VOC ``ImageSets/Segmentation/
-            train.txt``); by default every mask in ``mask_dir``.
-        class_names: names indexed by mask value (default: background + the 20 VOC classes).
+            train.txt``); by default every image of ``img_dir`` that has a mask.
+        class_names: names indexed by class (default: background + the 20 VOC classes).
+        ignore_index: the mask value that is ignored (usually set as ``data.ignore_index``).
+        mask_values: the mask value of each class, for sparse ids (default: ``v`` is class ``v``).
+
+    Images without a mask are left out with one warning that counts them.
     """
 
     def __init__(self, img_dir: str, mask_dir: str, class_names: list[str] | None = None, *,
                  root: str | None = None, split_file: str | None = None, mask_suffix: str = ".png",
+                 ignore_index: int = IGNORE, mask_values: list[int] | None = None,
                  transforms=None, skip_bad_images: bool = False):
         super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
-        self.img_dir = resolve_path(root, img_dir)
-        self.mask_dir = resolve_path(root, mask_dir)
+        self.img_dir = require_dir(resolve_path(root, img_dir), "SemanticSegDataset: image folder")
+        self.mask_dir = require_dir(resolve_path(root, mask_dir), "SemanticSegDataset: mask folder")
         self.class_names = list(class_names or VOC_SEG_CLASSES)
         self.label_to_cat_id = list(range(len(self.class_names)))
-        for folder in (self.img_dir, self.mask_dir):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"SemanticSegDataset: folder not found: {folder}")
+        self.ignore_index = int(ignore_index)
+        self._lut = self._lookup_table(mask_values)
+        images: dict[str, Path] = {}
+        for p in sorted(self.img_dir.iterdir()):
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                images.setdefault(p.stem, p)
         if split_file is not None:
-            split_path = resolve_path(root, split_file)
-            if not split_path.is_file():
-                raise FileNotFoundError(f"SemanticSegDataset: split file not found: {split_path}")
+            split_path = require_file(resolve_path(root, split_file), "SemanticSegDataset: split file")
             stems = [ln.split()[0] for ln in split_path.read_text().splitlines() if ln.strip()]
+            for stem in stems:
+                if stem not in images:
+                    raise DatasetError(f"SemanticSegDataset: {split_path} lists '{stem}', which has no "
+                                       f"image in {self.img_dir}")
         else:
-            stems = sorted(p.name[: -len(mask_suffix)] for p in self.mask_dir.glob(f"*{mask_suffix}"))
-        images = {}
-        for p in self.img_dir.iterdir():
-            images.setdefault(p.stem, p)
-        self.records = []
-        for k, stem in enumerate(stems):
-            if stem not in images:
-                raise FileNotFoundError(f"SemanticSegDataset: no image for mask "
-                                        f"{self.mask_dir / (stem + mask_suffix)} in {self.img_dir}")
-            self.records.append(ImageRecord(
-                image_id=k + 1, file=images[stem], height=0, width=0, boxes=np.zeros((0, 4), np.float32),
-                labels=np.zeros(0, np.int64), iscrowd=np.zeros(0, bool),
-                extra={"mask": self.mask_dir / f"{stem}{mask_suffix}"}))
+            stems = sorted(images)
+        with_mask = [s for s in stems if (self.mask_dir / f"{s}{mask_suffix}").is_file()]
+        if len(with_mask) < len(stems):
+            missing = [images[s].name for s in stems if s not in set(with_mask)]
+            warn_once(f"SemanticSegDataset: {len(missing)} of {len(stems)} images of {self.img_dir} have "
+                      f"no mask {mask_suffix} in {self.mask_dir} and are left out, e.g. "
+                      f"{', '.join(missing[:3])}")
+        self.records = [ImageRecord(
+            image_id=k + 1, file=images[stem], height=0, width=0, boxes=np.zeros((0, 4), np.float32),
+            labels=np.zeros(0, np.int64), iscrowd=np.zeros(0, bool),
+            extra={"mask": self.mask_dir / f"{stem}{mask_suffix}"}) for k, stem in enumerate(with_mask)]
+
+    def _lookup_table(self, mask_values: list[int] | None) -> np.ndarray | None:
+        """UInt8[256] mask value -> class index (unlisted -> ignore), or None for the identity."""
+        if mask_values is None:
+            return None
+        values = [int(v) for v in mask_values]
+        if len(values) != len(self.class_names) or len(set(values)) != len(values):
+            raise DatasetError(f"SemanticSegDataset: mask_values must give one distinct value per "
+                               f"class ({len(self.class_names)} class_names), got {len(values)}")
+        lut = np.full(256, self.ignore_index, np.uint8)
+        lut[values] = np.arange(len(values), dtype=np.uint8)
+        return lut
 
     @property
     def seg_class_names(self) -> list[str]:
@@ -84,13 +113,16 @@ class SemanticSegDataset(DetectionDataset):
         mask_file = record.extra["mask"]
         mask = read_mask(mask_file)
         if mask.shape != raw["image"].shape[:2]:
-            raise ValueError(f"{mask_file}: mask is {mask.shape} (HxW) but image {record.file} is "
-                             f"{raw['image'].shape[:2]}")
+            raise DatasetError(f"{mask_file}: mask is {mask.shape} (HxW) but image {record.file} is "
+                               f"{raw['image'].shape[:2]}")
+        if self._lut is not None:
+            mask = self._lut[mask]
         values = np.unique(mask)
-        bad = values[(values >= len(self.class_names)) & (values != IGNORE)]
+        bad = values[(values >= len(self.class_names)) & (values != self.ignore_index)]
         if bad.size:
-            raise ValueError(f"{mask_file}: mask values {bad.tolist()} are not class indices "
-                             f"0..{len(self.class_names) - 1} (or {IGNORE} = ignore)")
+            raise DatasetError(f"{mask_file}: mask values {bad.tolist()} are not class indices "
+                               f"0..{len(self.class_names) - 1} (or {self.ignore_index} = ignore); "
+                               f"for sparse ids list them as mask_values")
         raw["sem_seg"] = mask
 
     def coco_gt(self):

@@ -35,11 +35,9 @@ import yaml
 from ..errors import DatasetError, note_once, warn_once
 from ..registry import DATASETS, ConfigError
 from .base import BoxChecker, DetectionDataset, ImageRecord, require_dir, require_file, resolve_path
-from .io import image_size
+from .io import IMAGE_EXTENSIONS, image_size
 
 __all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_txt", "read_data_yaml", "yolo_label_path"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
