@@ -18,15 +18,14 @@ Float[B,C_K,ceil(H/2^K),ceil(W/2^K)].
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.conv import ConvNormAct
+from ..pretrained import read_backbone_weights
 from ._frozen import FrozenStagesBackbone
 from ..utils import load_state_dict_checked
 
@@ -101,12 +100,8 @@ class Darknet53(FrozenStagesBackbone):
         return [self.stem] + [getattr(self, f"stage{i}") for i in range(1, n + 1)]
 
     def load_weights(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Darknet53 weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
+        # a state dict, a checkpoint, or a tools/pretrain.py checkpoint (its transferred encoder)
+        state = read_backbone_weights(path, "Darknet53")
         load_state_dict_checked(self, state, strict=True, source=path)
 
     def output_shape(self) -> dict[str, ShapeSpec]:
