@@ -17,15 +17,16 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ...errors import warn_once
 from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.deform_conv import DeformConvBlock
 from ..layers.frozen_bn import FrozenBatchNorm2d
+from ..pretrained import read_backbone_weights
 from ._frozen import FrozenStagesBackbone
 from ..utils import load_state_dict_checked
 
@@ -110,6 +111,10 @@ class ResNet(FrozenStagesBackbone):
         self._apply_dcn(list(dcn_stages), int(dcn_version))
         if weights is not None:
             self.load_weights(weights)
+        elif norm == "FrozenBN":
+            warn_once("ResNet: norm FrozenBN with weights: null keeps identity statistics, so nothing "
+                      "normalises the activations and training from scratch tends to diverge (NaN loss); "
+                      "set norm: BN (--set model.backbone.norm=BN) or give pretrained weights")
         self.freeze()
 
     # ----------------------------------------------------------------------------- construction
@@ -146,13 +151,8 @@ class ResNet(FrozenStagesBackbone):
     def load_weights(self, weights: str) -> None:
         """Load a torchvision weights name (``IMAGENET1K_V1``) or a local state-dict file."""
         if os.path.sep in weights or os.path.exists(weights) or weights.endswith((".pth", ".pt")):
-            if not os.path.isfile(weights):
-                raise FileNotFoundError(f"ResNet weights file not found: {weights}")
-            source = weights
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            for key in ("model", "state_dict"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
+            source = weights   # a state dict, a checkpoint, or a tools/pretrain.py checkpoint
+            state = read_backbone_weights(weights, "ResNet")
         else:
             source = f"torchvision ResNet{self.depth}_Weights.{weights}"
             try:
