@@ -29,7 +29,7 @@ from ..errors import DetkitError
 __all__ = ["CheckpointError", "save_checkpoint", "atomic_write_bytes", "load_checkpoint",
            "resume_candidates", "load_resume_checkpoint", "prune_iter_checkpoints",
            "load_model_weights", "inference_state_dict", "get_rng_state", "set_rng_state",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "saved_iteration"]
 
 ITER_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -99,6 +99,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
     return ckpt
+
+
+def saved_iteration(path: str | os.PathLike) -> int | None:
+    """The ``iter`` of a training checkpoint, or None when the file is absent or unreadable.
+
+    Memory-mapped: only the small entries are read, not the weights of a large file.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - absent, truncated or foreign: "no usable checkpoint"
+        return None
+    value = ckpt.get("iter") if isinstance(ckpt, dict) else None
+    return int(value) if isinstance(value, int) else None
 
 
 def resume_candidates(work_dir: str | os.PathLike) -> list[Path]:

@@ -5,17 +5,24 @@
 "data_time": ..., "images_per_s": ...}`` per logged iteration (values averaged over the log
 window and over ranks) and ``{"mode": "val", "iter": i, "epoch": e, "<metric>": ...}`` per
 evaluation. ``iter`` counts finished optimizer steps (1-based).
+
+The progress bar needs a terminal that reports its width: with output redirected to a file, or
+a terminal that reports fewer than ``MIN_BAR_COLUMNS`` columns (some CI consoles and IDEs say 0,
+where tqdm would print nothing at all), progress is printed as plain lines every ``log_interval``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["WindowMeter", "TrainLogger"]
+__all__ = ["WindowMeter", "TrainLogger", "MIN_BAR_COLUMNS"]
+
+MIN_BAR_COLUMNS = 40
 
 
 class WindowMeter:
@@ -52,6 +59,16 @@ def _truncate_jsonl(path: Path, keep_up_to_iter: int) -> None:
     path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
 
+def _terminal_columns() -> int:
+    """Width of the terminal behind stderr; 0 when it is not a terminal or does not say."""
+    if not sys.stderr.isatty():
+        return 0
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):   # no file descriptor (a replaced sys.stderr)
+        return 0
+
+
 class TrainLogger:
     """Writes the outputs above; every method is a no-op on ranks other than 0."""
 
@@ -71,8 +88,7 @@ class TrainLogger:
                 self._tb = SummaryWriter(str(Path(work_dir) / "tensorboard"), purge_step=start_iter + 1)
             except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
                 self.info("WARNING: tensorboard is not importable; no event files are written")
-        self._tty = sys.stderr.isatty()
-        if progress_bar and self._tty:  # a log file gets plain lines (log_train) instead
+        if progress_bar and _terminal_columns() >= MIN_BAR_COLUMNS:  # else plain lines (log_train)
             from tqdm import tqdm
             self._bar = tqdm(total=max_iters, initial=start_iter, desc="train", dynamic_ncols=True,
                              unit="it", file=sys.stderr, mininterval=0.5)

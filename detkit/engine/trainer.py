@@ -169,9 +169,18 @@ class Trainer:
             raise FloatingPointError(
                 f"non-finite loss at iteration {self.iter + 1} (epoch {self.iter // self.iters_per_epoch}): "
                 f"{', '.join(f'{n}={reduced[names.index(n)].item()}' for n in bad)} ({where}). "
-                f"Training stopped on every rank before the update; the last checkpoint holds the "
-                f"last finite weights. Lower the lr, raise warmup, or set train.clip_grad.")
+                f"Training stopped on every rank before the update; {self._saved_note()}. Lower the "
+                f"lr, raise warmup, or set train.clip_grad.")
         return {n: float(v) for n, v in zip(names, reduced)}
+
+    def _saved_note(self) -> str:
+        """Which checkpoint a stopped run can be continued from, for the error message."""
+        last = self.work_dir / "last.pth"
+        saved = ckpt_io.saved_iteration(last)
+        if saved is None:
+            return (f"no checkpoint has been written yet (the first is due at iteration "
+                    f"{self.ckpt_every}), so there is nothing to resume from")
+        return f"{last} (iteration {saved}) holds the last finite weights; --resume continues from it"
 
     # ---------------------------------------------------------------- the loop
     def train(self, stop_after: int | None = None) -> dict | None:

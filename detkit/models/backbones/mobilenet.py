@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ...errors import warn_once
 from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.frozen_bn import freeze_batch_norm
@@ -47,6 +48,10 @@ class MobileNetV3(nn.Module):
         self._index, self._shapes = self._locate_levels()
         if weights is not None:
             self._load(weights)
+        elif norm == "FrozenBN":
+            warn_once("MobileNetV3: norm FrozenBN with weights: null keeps identity statistics, so nothing "
+                      "normalises the activations and training from scratch tends to diverge (NaN loss); "
+                      "set norm: BN (--set model.backbone.norm=BN) or give pretrained weights")
         if norm == "FrozenBN":
             freeze_batch_norm(self)
 
