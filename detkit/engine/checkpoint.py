@@ -235,8 +235,9 @@ def load_model_weights(model: nn.Module, state: dict, *, source: str = "checkpoi
     return {"mismatched": [k for k, _, _ in mismatched], "missing": missing, "unexpected": unexpected}
 
 
-def get_rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch, CUDA) as tensors and primitives."""
+def get_rng_state(model: nn.Module | None = None) -> dict:
+    """This process's RNG states (python, numpy, torch, CUDA) as tensors and primitives, plus the
+    size generator of ``model.multiscale_train`` when the model has one."""
     np_state = np.random.get_state(legacy=True)
     state = {
         "python": random.getstate(),
@@ -247,11 +248,17 @@ def get_rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         # This process's device only: get_rng_state_all() would open a context on every GPU.
         state["cuda"] = torch.cuda.get_rng_state()
+    multiscale = getattr(model, "multiscale_train", None)
+    if multiscale is not None:
+        state["multiscale"] = multiscale.state_dict()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, model: nn.Module | None = None) -> None:
     """Restore what :func:`get_rng_state` returned (the CUDA state into the current device)."""
+    multiscale = getattr(model, "multiscale_train", None)
+    if multiscale is not None and "multiscale" in state:
+        multiscale.load_state_dict(state["multiscale"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     npst = state["numpy"]

@@ -41,14 +41,33 @@ def _resize(image: Tensor, factor: float) -> Tensor:
 
 
 class MultiScaleTrain:
-    """Resize each training batch to a random short edge from ``short_edges`` (long edge capped)."""
+    """Resize each training batch to a random short edge from ``short_edges`` (long edge capped).
+
+    The sizes come from a private ``random.Random``: the trainer seeds it with ``seed`` (default:
+    ``train.seed``) plus the process rank (:meth:`seed_for_rank`) and saves its state with the
+    other RNG states in checkpoints (:meth:`state_dict`), so ``--deterministic`` runs repeat and
+    ``--resume`` continues the same size sequence.
+    """
 
     def __init__(self, *, short_edges: Sequence[int], max_size: int | None = None, seed: int | None = None):
         if not short_edges:
             raise ValueError("multiscale_train.short_edges must list at least one size")
         self.short_edges = [int(s) for s in short_edges]
         self.max_size = max_size
+        self.seed = seed
         self.rng = random.Random(seed)
+
+    def seed_for_rank(self, default_seed: int, rank: int) -> None:
+        """Seed with ``seed`` (or ``default_seed`` when none was configured) + ``rank``."""
+        self.rng.seed((default_seed if self.seed is None else self.seed) + rank)
+
+    def state_dict(self) -> dict:
+        """The size generator's state (ints and tuples: loadable with ``weights_only``)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
 
     def __call__(self, images: list[Tensor], targets: list[dict]) -> tuple[list[Tensor], list[dict]]:
         short = self.rng.choice(self.short_edges)
