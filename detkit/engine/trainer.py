@@ -55,6 +55,9 @@ class Trainer:
 
         model = build_model(cfg["model"]).to(self.device)
         self.model = model = convert_sync_bn(model, s["sync_bn"], self.dist, log=self._log)
+        multiscale = getattr(model, "multiscale_train", None)
+        if multiscale is not None:  # its batch sizes: seeded like the rest, resumable (rng state)
+            multiscale.seed_for_rank(s["seed"], self.dist.rank)
         self.optimizer = build_optimizer(model, s["optimizer"])
         self.scheduler = build_scheduler(self.optimizer, s["scheduler"], max_iters=self.max_iters,
                                          iters_per_epoch=epoch_unit)
@@ -273,7 +276,7 @@ class Trainer:
             "sampler": {"epoch": self.iter // self.iters_per_epoch,
                         "batches_consumed": done * self.accumulate,
                         "iters_per_epoch": self.iters_per_epoch},
-            "rng": all_gather_object(ckpt_io.get_rng_state()),
+            "rng": all_gather_object(ckpt_io.get_rng_state(self.model)),
             "best": self.best,
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
@@ -352,7 +355,7 @@ class Trainer:
                       f"the data order after resuming differs from an uninterrupted run")
         rng = ckpt.get("rng") or []
         if len(rng) == self.dist.world_size:
-            ckpt_io.set_rng_state(rng[self.dist.rank])
+            ckpt_io.set_rng_state(rng[self.dist.rank], self.model)
         else:
             self._log(f"WARNING: {source} has RNG states of {len(rng)} processes, now "
                       f"{self.dist.world_size}: reseeding instead of restoring them")
