@@ -123,8 +123,9 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 
 
 def _is_open_mapping(node: dict) -> bool:
-    """Mappings that build a registered class accept any of its keywords; the registry checks them."""
-    return "type" in node
+    """Mappings that build a registered class accept any of its keywords, and a data split (it has
+    a ``dataset``) any split key (``subset``, ``skip_bad_images`` ...); their builders check them."""
+    return "type" in node or "dataset" in node
 
 
 def _index(node: list, part: str, key: str) -> int:

@@ -87,3 +87,32 @@ def test_solarize_and_blur_views_from_config():
     global_views, local_views = views(image)
     assert len(global_views) == 2 and not local_views
     assert global_views[0].max() <= 6                 # 250 solarised -> 5 (gray keeps it)
+
+
+def test_knn_vote_against_a_written_out_count():
+    import math
+
+    from detkit.ssl.knn import knn_predict
+
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.2]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    queries = torch.tensor([[1.0, 0.05], [0.3, 1.0], [-1.0, 0.0]])
+    got = knn_predict(bank, labels, queries, num_classes=3, k=3, temperature=0.5)
+    expected = []
+    for q in queries.tolist():
+        sims = [sum(a * b for a, b in zip(q, x)) / math.hypot(*q) / math.hypot(*x) for x in bank.tolist()]
+        nearest = sorted(range(5), key=lambda i: -sims[i])[:3]
+        votes = [sum(math.exp(sims[i] / 0.5) for i in nearest if labels[i] == c) for c in range(3)]
+        expected.append(votes.index(max(votes)))
+    assert got.tolist() == expected == [0, 1, 2]
+
+
+def test_object_crops_of_a_detection_dataset(shapes_root):
+    from detkit.ssl.knn import object_crops
+
+    dataset = build_dataset({"dataset": {"type": "CocoDetection", "img_dir": "train",
+                                         "ann_file": "annotations/instances_train.json"}, "batch_size": 1},
+                            root=str(shapes_root))
+    crops, labels = object_crops(dataset, 24, limit=3)
+    assert crops.shape == (sum(len(r.boxes) for r in dataset.records[:3]), 3, 24, 24)
+    assert labels.tolist() == [int(x) for r in dataset.records[:3] for x in r.labels]

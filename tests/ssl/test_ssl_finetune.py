@@ -98,3 +98,16 @@ def test_subset_is_seeded_and_deterministic(shapes_root):
 def test_bad_subset_values(shapes_root, value):
     with pytest.raises(ConfigError, match=r"data.train.subset: expected a fraction in \(0, 1\]"):
         build_dataset(labeled_split(value), root=str(shapes_root), path="data.train")
+
+
+def test_subset_can_be_set_from_the_command_line(shapes_root):
+    from pathlib import Path
+
+    from detkit.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs/centernet/centernet_r18_shapes.yaml"
+    cfg = load_config(path, ["data.train.subset=0.25", f"data.root={shapes_root}"])
+    assert len(build_dataset(cfg["data"]["train"], root=cfg["data"]["root"])) == 5
+    typo = load_config(path, ["data.train.subsett=0.25"])          # the split builder names it
+    with pytest.raises(ConfigError, match="did you mean 'subset'"):
+        build_dataset(typo["data"]["train"], root=str(shapes_root), path="data.train")

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Self-supervised pre-training -> low-label detection fine-tuning on shapes (README table).
+
+    python tools/benchmarks/ssl.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
+        [--pretrain-iters 200] [--pretrain-batch 32] [--finetune-iters 300]
+        [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock]
+
+For each method: ``tools/pretrain.py configs/pretrain/<method>_r18_shapes.yaml`` at the given
+budget; then for each label fraction CenterNet-R18 (``configs/centernet/centernet_r18_shapes.yaml``)
+is fine-tuned with ``data.train.subset=<fraction>`` from scratch and from every pre-trained
+backbone, with the same recipe and iterations, and evaluated once at the end on shapes val;
+finally a weighted 20-NN classifier of frozen pooled c5 features on object crops (train objects
+as the bank, val objects as queries, 64 x 64) checks the representations. Steps whose outputs
+exist are skipped, so an interrupted run continues. ``--lock``: each training holds this file
+lock (flock) so that heavy jobs of a shared machine run one at a time; times exclude the wait
+(they are the sums of the logged step times). ``tools/benchmark.py ssl`` prints the table of
+the results already in ``--work-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[1]
+REPO = TOOLS.parent
+sys.path.insert(0, str(REPO))
+
+METHODS = ("moco_v2", "simclr", "byol", "simsiam", "dino")
+METHOD_SET = {"moco_v2": ["model.bn_splits=2"]}   # 16 images per BN split at batch 32
+DETECTOR = "configs/centernet/centernet_r18_shapes.yaml"
+
+
+def step_seconds(run: Path) -> float | None:
+    """Sum of logged step times (each record averages ``time`` over the iterations since the last)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    total, last = 0.0, 0
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("mode") == "train":
+            total += record["time"] * (record["iter"] - last)
+            last = record["iter"]
+    return total
+
+
+def final_eval(run: Path) -> dict | None:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    vals = [json.loads(x) for x in path.read_text().splitlines() if '"mode": "val"' in x]
+    return vals[-1] if vals else None
+
+
+def finished(run: Path, iters: int) -> bool:
+    import torch
+
+    last = run / "last.pth"
+    return last.is_file() and int(torch.load(last, map_location="cpu", weights_only=True)["iter"]) >= iters
+
+
+def run_locked(cmd: list[str], lock: str | None, log: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    with open(lock or os.devnull, "a") as handle:
+        if lock:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        with open(log, "w") as out:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def pretrain(args, method: str) -> Path:
+    run = args.work_dir / method
+    if not finished(run, args.pretrain_iters):
+        cmd = [sys.executable, "tools/pretrain.py", f"configs/pretrain/{method}_r18_shapes.yaml",
+               "--work-dir", str(run), "--set", f"train.max_iters={args.pretrain_iters}",
+               f"data.train.batch_size={args.pretrain_batch}", "data.train.num_workers=1",
+               "train.checkpoint.interval=50", *METHOD_SET.get(method, [])]
+        print("running:", " ".join(cmd), flush=True)
+        run_locked(cmd, args.lock, args.work_dir / f"{method}.log")
+    return run / "last.pth"
+
+
+def finetune(args, init: str, fraction: float, weights: Path | None) -> dict:
+    run = args.work_dir / f"ft_{init}_{fraction:g}"
+    if not finished(run, args.finetune_iters):
+        n = args.finetune_iters
+        sets = [f"data.train.subset={fraction}", f"train.max_iters={n}", f"train.eval_interval={n}",
+                f"train.checkpoint.interval={n}", "train.checkpoint.best_metric=null",
+                "data.train.num_workers=1", "data.val.num_workers=1",
+                f"train.scheduler.warmup_iters={min(100, n // 5)}"]
+        if weights is not None:
+            sets.append(f"model.backbone.weights={weights}")
+        cmd = [sys.executable, "tools/train.py", DETECTOR, "--work-dir", str(run), "--set", *sets]
+        print("running:", " ".join(cmd), flush=True)
+        run_locked(cmd, args.lock, args.work_dir / f"ft_{init}_{fraction:g}.log")
+    return {"eval": final_eval(run), "seconds": step_seconds(run)}
+
+
+def knn_accuracy(weights: Path | None, crops) -> float:
+    """Weighted 20-NN top-1 accuracy of pooled c5 features (random init when ``weights`` is None)."""
+    import torch
+
+    from detkit.models.backbones import ResNet
+    from detkit.models.detectors.base import IMAGENET_MEAN, IMAGENET_STD
+    from detkit.ssl.knn import knn_predict
+
+    torch.manual_seed(0)
+    net = ResNet(depth=18, out_features=["c5"], weights=str(weights) if weights else None).eval()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def embed(images):
+        return torch.cat([net((x - mean) / std)["c5"].mean(dim=(2, 3)) for x in images.split(256)])
+
+    (bank, bank_labels), (queries, labels) = crops
+    predicted = knn_predict(embed(bank), bank_labels, embed(queries), num_classes=4, k=20)
+    return float((predicted == labels).float().mean())
+
+
+def load_crops(root: str):
+    from detkit.data import build_dataset
+    from detkit.ssl.knn import object_crops
+
+    def split(name):
+        cfg = {"dataset": {"type": "CocoDetection", "img_dir": name,
+                           "ann_file": f"annotations/instances_{name}.json"}, "batch_size": 1}
+        return object_crops(build_dataset(cfg, root=root), 64)
+
+    return split("train"), split("val")
+
+
+def table(args, methods, fractions, knn: dict | None) -> str:
+    head = ["backbone init", f"pre-training ({args.pretrain_iters} it x {args.pretrain_batch})"]
+    head += [f"AP50 / AP, {f:.0%} labels" for f in fractions] + ["k-NN acc."]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for init in ["scratch", *methods]:
+        seconds = step_seconds(args.work_dir / init) if init != "scratch" else None
+        cells = [init, f"{seconds / 60:.1f} min" if seconds else "-"]
+        for f in fractions:
+            ev = final_eval(args.work_dir / f"ft_{init}_{f:g}")
+            cells.append(f"{ev['bbox/AP50']:.3f} / {ev['bbox/AP']:.3f}" if ev else "not run")
+        acc = (knn or {}).get(init)
+        cells.append(f"{acc:.3f}" if acc is not None else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.1])
+    p.add_argument("--pretrain-iters", type=int, default=200)
+    p.add_argument("--pretrain-batch", type=int, default=32)
+    p.add_argument("--finetune-iters", type=int, default=300)
+    p.add_argument("--data-root", default="data/shapes")
+    p.add_argument("--work-dir", type=Path, default=Path("work_dirs/ssl_bench"))
+    p.add_argument("--lock", default=None, help="flock this file around every training run")
+    p.add_argument("--skip-knn", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.work_dir = args.work_dir if args.work_dir.is_absolute() else REPO / args.work_dir
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    weights = {m: pretrain(args, m) for m in args.methods}
+    for fraction in args.fractions:
+        finetune(args, "scratch", fraction, None)
+        for m in args.methods:
+            finetune(args, m, fraction, weights[m])
+    knn = None
+    if not args.skip_knn:
+        import torch
+
+        torch.set_num_threads(1)
+        crops = load_crops(str(REPO / args.data_root))
+        knn = {"scratch": knn_accuracy(None, crops)}
+        knn.update({m: knn_accuracy(weights[m], crops) for m in args.methods})
+        (args.work_dir / "knn.json").write_text(json.dumps(knn, indent=1))
+    print(table(args, args.methods, args.fractions, knn))
+
+
+def run(args: argparse.Namespace) -> None:
+    """``tools/benchmark.py ssl``: the table of the results already measured (runs nothing)."""
+    saved = parse_args([])
+    saved.work_dir = REPO / saved.work_dir
+    knn_file = saved.work_dir / "knn.json"
+    knn = json.loads(knn_file.read_text()) if knn_file.is_file() else None
+    methods = [m for m in METHODS if (saved.work_dir / m).is_dir()]
+    fractions = sorted({float(p.name.rsplit("_", 1)[1]) for p in saved.work_dir.glob("ft_scratch_*")})
+    if not fractions:
+        print(f"no results in {saved.work_dir}; measure with: python tools/benchmarks/ssl.py --lock "
+              f"/tmp/detkit_heavy.lock")
+        return
+    print(table(saved, methods, fractions, knn))
+
+
+if __name__ == "__main__":
+    main()
