@@ -9,8 +9,9 @@ Targets (Zhou et al. 2019, with CornerNet's gaussian):
 * every non-ignored object puts an unnormalised gaussian on the heatmap of its class, centred on
   the integer cell ``floor(centre / s)``; the peak is exactly 1, overlapping gaussians of one class
   keep the element-wise max;
-* the gaussian radius comes from :func:`gaussian_radius` on the box size in cells, truncated to an
-  integer ``r`` (as CenterNet does), with ``sigma = (2r + 1) / 6`` and support ``|dx|, |dy| <= r``;
+* the gaussian radius comes from :func:`gaussian_radius` on the box size in cells rounded up,
+  ``ceil(h), ceil(w)`` (as CenterNet's code does; ``radius_sizes="float"`` uses the float sizes),
+  truncated to an integer ``r``, with ``sigma = (2r + 1) / 6`` and support ``|dx|, |dy| <= r``;
 * size ``wh`` (cells) and sub-cell ``offset = centre / s - floor(centre / s)`` are regressed only at
   the integer centres, listed by flat index ``b * H * W + y * W + x``;
 * crowd (and VOC difficult) boxes are never rendered as positives; optionally their cells are
@@ -27,9 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["gaussian_radius", "splat_gaussians", "CenterNetTargets", "render_targets",
-           "decode_heatmap", "RADIUS_FORMULAS"]
+           "decode_heatmap", "RADIUS_FORMULAS", "RADIUS_SIZES"]
 
 RADIUS_FORMULAS = ("cornernet", "corrected")
+# "ceil": the reference code's gaussian_radius((ceil(h), ceil(w))); "float": the float box size
+# (detkit's earlier form: continuous in the size, kept to reproduce results trained with it).
+RADIUS_SIZES = ("ceil", "float")
 
 
 def gaussian_radius(heights: Tensor, widths: Tensor, min_overlap: float = 0.7,
@@ -114,9 +118,15 @@ class CenterNetTargets:
     def num_objects(self) -> int:
         return int(self.indices.numel())
 
+    @property
+    def num_peaks(self) -> int:
+        """Heatmap cells equal to 1: the (class, cell) centres; same-class objects centred in one
+        cell share a peak. The reference code divides its focal loss by this number."""
+        return int(self.heatmap.eq(1).sum())
+
 
 def _image_targets(target: dict, image_size, feat_size, num_classes: int, stride: int,
-                   min_overlap: float, formula: str, ignore_crowd_regions: bool):
+                   min_overlap: float, formula: str, ignore_crowd_regions: bool, radius_sizes: str):
     """Heatmap Float[C,H,W], ignore Bool[C,H,W], flat cell index Int64[M], wh, offset of one image."""
     height, width = feat_size
     boxes = target["boxes"].float()
@@ -147,7 +157,8 @@ def _image_targets(target: dict, image_size, feat_size, num_classes: int, stride
     # a heatmap smaller than image / stride (caller's choice) cannot hold every centre
     valid &= (cells[:, 0] < width) & (cells[:, 1] < height)
     centers, cells = centers[valid], cells[valid]
-    radii = gaussian_radius(wh[valid, 1], wh[valid, 0], min_overlap, formula).floor().clamp(min=0).long()
+    sizes = wh[valid].ceil() if radius_sizes == "ceil" else wh[valid]
+    radii = gaussian_radius(sizes[:, 1], sizes[:, 0], min_overlap, formula).floor().clamp(min=0).long()
     splat_gaussians(heatmap, cells, radii, labels[valid])
     index = cells[:, 1] * width + cells[:, 0]
     return heatmap, ignore, index, wh[valid], centers - cells.float()
@@ -155,16 +166,19 @@ def _image_targets(target: dict, image_size, feat_size, num_classes: int, stride
 
 def render_targets(targets: list[dict], image_sizes, feat_size: tuple[int, int], num_classes: int,
                    stride: int, *, min_overlap: float = 0.7, formula: str = "cornernet",
-                   ignore_crowd_regions: bool = True) -> CenterNetTargets:
+                   ignore_crowd_regions: bool = True, radius_sizes: str = "ceil") -> CenterNetTargets:
     """Render the CenterNet targets of a batch on a heatmap of ``feat_size`` (H, W) cells.
 
     Args:
         targets: per image, ``boxes`` Float[N,4] xyxy pixels, ``labels`` Int64[N], optional
             ``iscrowd`` / ``difficult`` Bool[N] (never positives).
         image_sizes: unpadded (H, W) pixels per image; boxes are clipped to them.
+        radius_sizes: ``ceil`` or ``float`` box sizes for the radius (see ``RADIUS_SIZES``).
     """
+    if radius_sizes not in RADIUS_SIZES:
+        raise ValueError(f"unknown radius_sizes '{radius_sizes}'; expected one of {RADIUS_SIZES}")
     parts = [_image_targets(t, size, feat_size, num_classes, stride, min_overlap, formula,
-                            ignore_crowd_regions) for t, size in zip(targets, image_sizes)]
+                            ignore_crowd_regions, radius_sizes) for t, size in zip(targets, image_sizes)]
     cells = feat_size[0] * feat_size[1]
     return CenterNetTargets(
         heatmap=torch.stack([p[0] for p in parts]),

@@ -75,6 +75,23 @@ def test_loss_weights_and_normalisation():
     assert set(losses) == {"loss_heatmap", "loss_wh", "loss_offset"}
 
 
+def test_focal_normaliser_is_the_number_of_peak_cells():
+    # three objects, two of class 0 centred in the same cell (8, 8): 2 peak cells. The reference
+    # code divides by the peaks (2), detkit's earlier form by the objects (3).
+    head = _head()
+    out = head({"p2": torch.randn(1, 8, 16, 16)})
+    targets = [_target([[20.0, 20.0, 48.0, 48.0], [28.0, 26.0, 40.0, 42.0], [4.0, 4.0, 16.0, 20.0]],
+                       [0, 0, 1])]
+    t = render_targets(targets, [(64, 64)], (16, 16), 3, 4)
+    assert t.num_objects == 3 and t.num_peaks == 2 and t.indices[0] == t.indices[1]
+    focal = penalty_reduced_focal_loss(out["heatmap"], t.heatmap, t.ignore).item()
+    assert head.loss(out, targets, [(64, 64)])["loss_heatmap"].item() == pytest.approx(focal / 2, rel=1e-5)
+    by_objects = _head(focal_normalizer="objects").loss(out, targets, [(64, 64)])["loss_heatmap"]
+    assert by_objects.item() == pytest.approx(focal / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="focal_normalizer 'boxes'"):
+        _head(focal_normalizer="boxes")
+
+
 def test_empty_images_give_finite_negative_only_loss():
     head = _head()
     feats = torch.randn(2, 8, 8, 8, requires_grad=True)

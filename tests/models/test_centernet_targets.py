@@ -6,8 +6,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detkit.models.centernet_targets import (decode_heatmap, gaussian_radius, render_targets,
-                                             splat_gaussians)
+from detkit.models.centernet_targets import decode_heatmap, gaussian_radius, render_targets, splat_gaussians
 
 # (h, w) in cells -> radius, computed by hand (4 decimals) from the three CornerNet cases, o = 0.7.
 # "cornernet": the released code's (b + sqrt(b^2 - 4ac)) / 2; e.g. 20 x 10: s = 30, wh = 200,
@@ -45,6 +44,29 @@ def test_corrected_radius_is_the_iou_bound():
         ious = {k: box_iou(box, b).item() for k, b in candidates.items()}
         assert min(ious.values()) == pytest.approx(0.7, abs=1e-4)
         assert all(v >= 0.7 - 1e-4 for v in ious.values())
+
+
+def _reference_radius(h: float, w: float, o: float = 0.7) -> float:
+    """The released CenterNet code's radius: min over the three cases of (b + sqrt(b^2 - 4ac)) / 2."""
+    cases = [(1, h + w, w * h * (1 - o) / (1 + o)), (4, 2 * (h + w), (1 - o) * w * h),
+             (4 * o, -2 * o * (h + w), (o - 1) * w * h)]
+    return min((b + math.sqrt(b * b - 4 * a * c)) / 2 for a, b, c in cases)
+
+
+@pytest.mark.parametrize("side,ceil_r,float_r", [(7.2, 2, 1), (3.3, 1, 0), (8.0, 2, 2)])
+def test_radius_is_taken_on_ceiled_box_sizes(side, ceil_r, float_r):
+    # the reference draws int(gaussian_radius((ceil(h), ceil(w)))): 7.2 x 7.2 cells -> radius of
+    # 8 x 8 = 2.19 -> 2, where the float size gives 1.97 -> 1
+    assert int(_reference_radius(math.ceil(side), math.ceil(side))) == ceil_r
+    assert int(_reference_radius(side, side)) == float_r
+    box = [[8.0, 8.0, 8.0 + 4 * side, 8.0 + 4 * side]]            # stride 4: side x side cells
+    target = {"boxes": torch.tensor(box), "labels": torch.tensor([0])}
+    for mode, radius in (("ceil", ceil_r), ("float", float_r)):
+        heat = render_targets([target], [(64, 64)], (16, 16), 1, 4, radius_sizes=mode).heatmap[0, 0]
+        row = heat[heat.eq(1).nonzero()[0, 0]]
+        assert int((row > 0).sum()) == 2 * radius + 1, mode       # support |dx| <= r
+    with pytest.raises(ValueError, match="radius_sizes"):
+        render_targets([target], [(64, 64)], (16, 16), 1, 4, radius_sizes="round")
 
 
 def test_bad_radius_arguments():
