@@ -9,13 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from evaluation_helpers import LABEL_TO_CAT, NAMES, direct_results, make_coco, make_gt, make_predictions
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from detkit.evaluation import COCOEvaluator, build_evaluator, evaluate_coco_files
 from detkit.registry import ConfigError
-
-from evaluation_helpers import LABEL_TO_CAT, NAMES, direct_results, make_coco, make_gt, make_predictions
 
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 

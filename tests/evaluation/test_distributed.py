@@ -11,7 +11,6 @@ import pickle
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from evaluation_helpers import build_inputs, evaluate_all, worker
 
 

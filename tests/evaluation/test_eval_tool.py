@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from evaluation_helpers import direct_results, make_gt, make_predictions
 from PIL import Image
 
 from detkit.evaluation import SegEvaluator, evaluate_coco_files
-
-from evaluation_helpers import direct_results, make_gt, make_predictions
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from evaluation_helpers import K, random_masks
 
 from detkit.evaluation import SegEvaluator, build_evaluator, confusion_matrix
 from detkit.evaluation.segmentation import sem_seg_to_original
-
-from evaluation_helpers import K, random_masks
 
 
 def numpy_reference(preds, gts, k=K, ignore=255):

@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from evaluation_helpers import CLASSES, DETS, GT
 
 from detkit.evaluation import VOCEvaluator, build_evaluator, voc_ap
-
-from evaluation_helpers import CLASSES, DETS, GT
 
 
 # ---------------------------------------------------------------- reference (devkit, loop style)
@@ -77,8 +76,10 @@ def run(evaluator, gt=GT, dets=DETS):
     for img in sorted(gt):
         objs = gt[img]
         mine = [d for d in dets if d[0] == img]
-        target = {"image_id": img, "boxes": torch.tensor([o[0] for o in objs], dtype=torch.float32).reshape(-1, 4),
-                  "labels": torch.tensor([o[1] for o in objs]), "difficult": torch.tensor([o[2] for o in objs])}
+        target = {"image_id": img,
+                  "boxes": torch.tensor([o[0] for o in objs], dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.tensor([o[1] for o in objs]),
+                  "difficult": torch.tensor([o[2] for o in objs])}
         pred = {"boxes": torch.tensor([d[3] for d in mine], dtype=torch.float32).reshape(-1, 4),
                 "scores": torch.tensor([d[2] for d in mine]), "labels": torch.tensor([d[1] for d in mine],
                                                                                      dtype=torch.int64)}
@@ -181,10 +182,12 @@ def test_gt_from_coco_gt_and_scaled_targets_agree():
     for img, objs in GT.items():
         mine = [d for d in DETS if d[0] == img]
         scaled.process([{"image_id": img, "boxes": 2 * torch.tensor([o[0] for o in objs], dtype=torch.float32),
-                         "labels": torch.tensor([o[1] for o in objs]), "difficult": torch.tensor([o[2] for o in objs]),
+                         "labels": torch.tensor([o[1] for o in objs]),
+                         "difficult": torch.tensor([o[2] for o in objs]),
                          "scale": torch.tensor([2.0, 2.0]), "offset": torch.zeros(2)}],
                        [{"boxes": torch.tensor([d[3] for d in mine], dtype=torch.float32).reshape(-1, 4),
-                         "scores": torch.tensor([d[2] for d in mine]), "labels": torch.tensor([d[1] for d in mine])}])
+                         "scores": torch.tensor([d[2] for d in mine]),
+                         "labels": torch.tensor([d[1] for d in mine])}])
     assert scaled.evaluate() == pytest.approx(expected, nan_ok=True)
     assert "mAP" in scaled.report()
 
@@ -221,3 +224,21 @@ def test_voc_dataset_ground_truth_equals_devkit_on_xml_coordinates(tmp_path):
     metrics = ev.evaluate()
     for c, name in enumerate(CLASSES[:2]):
         assert metrics[f"voc/AP-{name}"] == pytest.approx(ref_voc_eval(GT, DETS, c, use_07=True), abs=1e-12)
+
+
+def test_string_image_ids_as_in_voc():
+    # VOC image ids are file stems such as '2008_000123'; int() of them used to fail in process()
+    names = {img: f"img_{chr(ord('a') + img)}" for img in GT}
+    gt = {names[i]: objs for i, objs in GT.items()}
+    dets = [(names[d[0]], *d[1:]) for d in DETS]
+    by_name = run(VOCEvaluator(class_names=CLASSES, metric="voc07"), gt, dets)
+    by_int = run(VOCEvaluator(class_names=CLASSES, metric="voc07"))
+    assert by_name.keys() == by_int.keys()
+    for key, value in by_int.items():
+        assert by_name[key] == pytest.approx(value, abs=1e-12, nan_ok=True)
+    tensor_ids = VOCEvaluator(class_names=CLASSES)
+    tensor_ids.process([{"image_id": torch.tensor(7), "boxes": torch.zeros(0, 4),
+                         "labels": torch.zeros(0, dtype=torch.int64)}],
+                       [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                         "labels": torch.zeros(0, dtype=torch.int64)}])
+    assert list(tensor_ids._images) == [7]
