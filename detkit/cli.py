@@ -41,10 +41,8 @@ def user_message(error: BaseException) -> str:
     if header is None:
         return text
     # The traceback's last entry is "<qualified type name>: <message>" (the message may span lines).
-    last = None
-    for last in re.finditer(rf"^(?:[\w.]+\.)?{header.group(1)}: ", text, flags=re.MULTILINE):
-        pass
-    return text[last.end():].rstrip() if last is not None else text
+    matches = list(re.finditer(rf"^(?:[\w.]+\.)?{header.group(1)}: ", text, flags=re.MULTILINE))
+    return text[matches[-1].end():].rstrip() if matches else text
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

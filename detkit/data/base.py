@@ -87,7 +87,8 @@ class BoxChecker:
         self.counts = {"clipped": 0, "non_finite": 0, "empty": 0}
         self.examples: list[str] = []
 
-    def __call__(self, boxes: np.ndarray, height: int, width: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, boxes: np.ndarray, height: int, width: int,
+                 names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Float[N,4] xyxy -> (clipped boxes, Bool[N] keep). ``names`` label each box in messages."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         finite = np.isfinite(boxes).all(axis=1)

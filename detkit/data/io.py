@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["DatasetError", "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "read_mask", "image_size", "exif_orientation"]
+__all__ = ["DatasetError", "IMAGE_EXTENSIONS", "ImageReadError", "read_image", "read_mask", "image_size",
+           "exif_orientation"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")   # what datasets list
 _JPEG_SOI = b"\xff\xd8"

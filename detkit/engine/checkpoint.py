@@ -9,6 +9,16 @@ A checkpoint is a dict of tensors and primitive containers only (no pickled clas
 
 ``model`` always holds the trained (non-averaged) weights; when EMA is on, ``ema`` holds the
 averaged weights that evaluation used. :func:`inference_state_dict` picks the right one.
+
+Only ``last.pth`` and ``iter_N.pth`` (its fallbacks) need all of that. ``best.pth`` and
+``final.pth`` are *inference checkpoints* (:func:`inference_checkpoint`)::
+
+    model (the EMA weights when EMA was on, else the trained ones; optionally float16),
+    config, meta {class_names, label_to_cat_id, detkit_version, weights: "ema" | "model",
+    dtype}, iter, epoch, best
+
+which every reader of weights (``Predictor``, ``tools/eval.py``, ``train.load_from``) takes as
+it takes a full checkpoint; ``--resume`` refuses them with a message that says so.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from ..errors import DetkitError
 __all__ = ["CheckpointError", "save_checkpoint", "atomic_write_bytes", "load_checkpoint",
            "resume_candidates", "load_resume_checkpoint", "prune_iter_checkpoints",
            "load_model_weights", "inference_state_dict", "get_rng_state", "set_rng_state",
-           "remove_stale_temporaries", "saved_iteration"]
+           "remove_stale_temporaries", "saved_iteration", "inference_checkpoint", "INFERENCE_KEYS"]
 
 ITER_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -184,6 +194,23 @@ def inference_state_dict(ckpt: dict) -> dict:
     return ckpt
 
 
+INFERENCE_KEYS = ("config", "iter", "epoch", "best")   # kept beside the weights and meta
+
+
+def inference_checkpoint(ckpt: dict, *, fp16: bool = False) -> dict:
+    """The part of a checkpoint that inference needs (see the module doc): no optimizer,
+    scheduler, scaler, RNG or sampler state, one set of weights. ``fp16`` stores floating-point
+    tensors as float16 (half the size; loading casts them back to the model's dtype)."""
+    weights = _strip_prefix(dict(inference_state_dict(ckpt)))
+    if fp16:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    meta = dict(ckpt["meta"]) if isinstance(ckpt.get("meta"), dict) else {}
+    has_ema = isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
+    meta["weights"] = "ema" if has_ema else meta.get("weights", "model")
+    meta["dtype"] = "float16" if fp16 else meta.get("dtype", "float32")
+    return {"model": weights, "meta": meta, **{k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}}
+
+
 def _strip_prefix(state: dict) -> dict:
     # Weights saved from a DDP-wrapped or torch.compile'd model carry these prefixes.
     for prefix in ("module.", "_orig_mod."):
@@ -216,7 +243,8 @@ def load_model_weights(model: nn.Module, state: dict, *, source: str = "checkpoi
         if missing:
             msg.append(f"missing in {source}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
         if unexpected:
-            msg.append(f"not in the model: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+            more = " ..." if len(unexpected) > 20 else ""
+            msg.append(f"not in the model: {', '.join(unexpected[:20])}{more}")
         if mismatched:
             msg.append("to fine-tune on another class count, use train.load_from (mismatching "
                        "layers are re-initialised)")

@@ -287,7 +287,9 @@ class Trainer:
         }
 
     def save(self, *, last: bool = True, best: bool = False) -> None:
-        """Write ``last.pth`` (+ ``iter_N.pth`` with retention) and/or ``best.pth`` on rank 0."""
+        """Write ``last.pth`` (+ ``iter_N.pth`` with retention; at the end also ``final.pth``)
+        and/or ``best.pth`` on rank 0. best/final are inference checkpoints (weights, config,
+        class names): only last/iter_N keep the optimizer and RNG state that --resume needs."""
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():  # never let a checkpoint carry NaN weights
                 raise FloatingPointError(f"parameter {name} is not finite at iteration {self.iter}; "
@@ -300,9 +302,13 @@ class Trainer:
                 paths.append(self.work_dir / "last.pth")
                 if keep > 0:
                     paths.append(self.work_dir / f"iter_{self.iter}.pth")
-            if best:
-                paths.append(self.work_dir / "best.pth")
-            ckpt_io.save_checkpoint(state, paths)
+            if paths:
+                ckpt_io.save_checkpoint(state, paths)
+            lean = [self.work_dir / "best.pth"] if best else []
+            if last and self.iter >= self.max_iters:
+                lean.append(self.work_dir / "final.pth")
+            if lean:
+                ckpt_io.save_checkpoint(ckpt_io.inference_checkpoint(state), lean)
             if last and keep > 0:
                 ckpt_io.prune_iter_checkpoints(self.work_dir, keep)
         barrier()

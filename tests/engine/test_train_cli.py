@@ -49,7 +49,7 @@ def test_cli_outputs_and_resume_after_corrupt_last(shapes_root, tmp_path, capsys
     assert "bbox/AP50" in read_metrics(work, "val")[0]
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
     names = sorted(p.name for p in work.glob("*.pth"))
-    assert names == ["best.pth", "iter_2.pth", "last.pth"]  # iter_1.pth removed (keep: 1)
+    assert names == ["best.pth", "final.pth", "iter_2.pth", "last.pth"]  # iter_1.pth removed (keep: 1)
     assert load_checkpoint(work / "best.pth")["meta"]["class_names"] == ["circle", "square",
                                                                           "triangle", "star"]
 
