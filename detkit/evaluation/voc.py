@@ -68,13 +68,14 @@ def voc_eval_class(dets: dict, gts: dict, iou_thr: float = 0.5, metric: str = "v
         (recall, precision, AP, number of non-difficult GT); AP is NaN when that number is 0.
     """
     npos = int(sum((~d).sum() for _, d in gts.values()))
-    image_of, boxes, scores = [], [], []
+    image_of: list = []
+    box_parts, score_parts = [], []
     for image_id, (b, s) in dets.items():
         image_of += [image_id] * len(s)
-        boxes.append(np.asarray(b, float).reshape(-1, 4))
-        scores.append(np.asarray(s, float).reshape(-1))
-    boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
-    scores = np.concatenate(scores) if scores else np.zeros(0)
+        box_parts.append(np.asarray(b, float).reshape(-1, 4))
+        score_parts.append(np.asarray(s, float).reshape(-1))
+    boxes = np.concatenate(box_parts) if box_parts else np.zeros((0, 4))
+    scores = np.concatenate(score_parts) if score_parts else np.zeros(0)
     order = np.argsort(-scores, kind="stable")
     matched = {i: np.zeros(len(d), bool) for i, (_, d) in gts.items()}
     tp, fp = np.zeros(len(order)), np.zeros(len(order))
@@ -99,6 +100,16 @@ def voc_eval_class(dets: dict, gts: dict, iou_thr: float = 0.5, metric: str = "v
     recall = tp / npos
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     return recall, precision, voc_ap(recall, precision, metric), npos
+
+
+def _image_key(image_id) -> int | str:
+    """An image id as a dict key: VOC ids are strings (``2008_000123``), COCO ids integers (also
+    given as 0-d tensors or numpy integers)."""
+    if isinstance(image_id, str):
+        return image_id
+    if isinstance(image_id, (torch.Tensor, np.ndarray, np.generic)):
+        image_id = image_id.item()
+    return image_id if isinstance(image_id, str) else int(image_id)
 
 
 @EVALUATORS.register()
@@ -143,12 +154,12 @@ class VOCEvaluator:
         return construct(cls, kwargs, path, errors=(TypeError, ValueError, FileNotFoundError))
 
     def reset(self) -> None:
-        self._images: dict[int, dict] = {}
+        self._images: dict[int | str, dict] = {}
 
     def process(self, targets: list[dict], predictions: list[dict]) -> None:
         """Keep detections (and GT from targets when there is no ``coco_gt``) per image."""
         for target, pred in zip(targets, predictions):
-            image_id = int(target["image_id"])
+            image_id = _image_key(target["image_id"])
             entry = {"det": (pred["boxes"].detach().cpu().double().numpy().reshape(-1, 4),
                              pred["scores"].detach().cpu().double().numpy(),
                              pred["labels"].detach().cpu().numpy())}
@@ -166,7 +177,8 @@ class VOCEvaluator:
                 difficult |= target[key].detach().cpu().bool().reshape(-1)
         return boxes.numpy(), target["labels"].detach().cpu().numpy(), difficult.numpy()
 
-    def _gt_from_coco(self, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _gt_from_coco(self, image_id: int | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert self.coco_gt is not None  # only called with coco_gt
         anns = self.coco_gt.imgToAnns.get(image_id, [])
         anns = [a for a in anns if int(a["category_id"]) in self.cat_to_label]
         boxes = np.array([a["bbox"] for a in anns], float).reshape(-1, 4)
@@ -180,7 +192,7 @@ class VOCEvaluator:
         metrics, self.last_report = _dist.compute_on_rank0(lambda: self._score(merged))
         return metrics
 
-    def _score(self, images: dict[int, dict]) -> tuple[dict[str, float], str]:
+    def _score(self, images: dict[int | str, dict]) -> tuple[dict[str, float], str]:
         metrics: dict[str, float] = {}
         rows, aps = [], []
         gt_per_image = {i: (e["gt"] if self.coco_gt is None else self._gt_from_coco(i))

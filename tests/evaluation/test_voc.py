@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from evaluation_helpers import CLASSES, DETS, GT
 
 from detkit.evaluation import VOCEvaluator, build_evaluator, voc_ap
+
+from evaluation_helpers import CLASSES, DETS, GT
 
 
 # ---------------------------------------------------------------- reference (devkit, loop style)
@@ -181,7 +182,8 @@ def test_gt_from_coco_gt_and_scaled_targets_agree():
     scaled = VOCEvaluator(class_names=CLASSES, metric="voc12")
     for img, objs in GT.items():
         mine = [d for d in DETS if d[0] == img]
-        scaled.process([{"image_id": img, "boxes": 2 * torch.tensor([o[0] for o in objs], dtype=torch.float32),
+        scaled.process([{"image_id": img,
+                         "boxes": 2 * torch.tensor([o[0] for o in objs], dtype=torch.float32),
                          "labels": torch.tensor([o[1] for o in objs]),
                          "difficult": torch.tensor([o[2] for o in objs]),
                          "scale": torch.tensor([2.0, 2.0]), "offset": torch.zeros(2)}],
