@@ -24,6 +24,7 @@ has the checkpoint but not the training data:
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import warnings
 from typing import Any, Sequence
@@ -238,12 +239,23 @@ class Predictor:
         amp: run under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
         batch_size: images per forward pass when a list is given.
         class_names: overrides the names found in the checkpoint / config / dataset.
+        slice_size: when set, sliced inference (:mod:`detkit.slicing`): each image is cut into
+            overlapping ``slice_size`` tiles, predicted ``batch_size`` tiles at a time, merged.
+        slice_overlap: fraction of ``slice_size`` by which neighbouring tiles overlap.
+        slice_merge: ``"nms"`` or ``"wbf"``: how tile (and full-image) boxes are merged.
+        full_image: with slicing, also predict the whole image and merge it in.
     """
 
     def __init__(self, config: str | os.PathLike | dict | None, checkpoint: str | os.PathLike | None,
                  *, device: str | torch.device = "cpu", score_thr: float = 0.3, amp: bool = False,
-                 batch_size: int = 4, class_names: Sequence[str] | None = None):
+                 batch_size: int = 4, class_names: Sequence[str] | None = None,
+                 slice_size: int | None = None, slice_overlap: float = 0.2, slice_merge: str = "nms",
+                 full_image: bool = True):
         from .models import build_model
+        from .slicing import SlicedInference
+
+        self.slicer = None if slice_size is None else SlicedInference(
+            slice_size=slice_size, overlap=slice_overlap, merge=slice_merge, full_image=full_image)
 
         ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
         self.cfg = _resolve_config(config, ckpt, checkpoint)
@@ -281,8 +293,12 @@ class Predictor:
             results.extend(self.predict_arrays(images))
         return results
 
-    def predict_arrays(self, images: Sequence[np.ndarray]) -> list[dict]:
-        """One forward pass on HxWx3 uint8 RGB arrays (already decoded); one dict per image."""
+    def predict_arrays(self, images: Sequence[np.ndarray], *, sliced: bool = True) -> list[dict]:
+        """One forward pass on HxWx3 uint8 RGB arrays (already decoded); one dict per image.
+        With ``slice_size`` set (and ``sliced``), each image is predicted tile by tile instead."""
+        if sliced and self.slicer is not None:
+            plain = functools.partial(self.predict_arrays, sliced=False)
+            return [self.slicer(image, plain, self.batch_size) for image in images]
         tensors, metas = [], []
         for image in images:
             tensor, meta = self.pipeline(image)

@@ -3,7 +3,8 @@
 
     python tools/infer.py CONFIG CHECKPOINT INPUT [INPUT ...] --out DIR
         [--score-thr 0.3] [--batch-size 4] [--device cpu|cuda] [--amp] [--coco-gt ANN.json]
-        [--no-draw] [--set key=value ...]
+        [--no-draw] [--slice S [--slice-overlap F] [--slice-merge nms|wbf] [--no-full-image]]
+        [--set key=value ...]
 
 INPUT is an image file, a folder (searched recursively for image extensions), a glob such as
 ``"photos/**/*.jpg"`` (quote it), or a video file (an annotated copy is written). Writes to
@@ -14,6 +15,11 @@ in original-image pixels (``file_name`` relative to its input folder, ``path`` a
 detections also carry ``frame``). With ``--coco-gt`` the image ids
 and category ids are those of that annotation file (matched by file name), so the json can be
 scored by ``tools/eval.py --coco-gt ANN.json --coco-dt predictions.json``.
+
+``--slice S`` predicts each image as overlapping S x S tiles (``--slice-overlap``, default 0.2)
+plus, unless ``--no-full-image``, one pass over the whole image, merged by ``--slice-merge``
+(``detkit/slicing.py``; README "Small objects"): for small objects in images much larger than
+the training images.
 
 Unreadable, truncated or non-image files are reported by name and skipped; the exit code is 1
 when any input failed, 2 for a bad config / checkpoint / argument.
@@ -260,12 +266,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--coco-gt", help="annotation json whose image / category ids to use")
     parser.add_argument("--no-draw", action="store_true", help="only write predictions.json")
+    parser.add_argument("--slice", type=int, metavar="S", help="sliced inference with S x S tiles")
+    parser.add_argument("--slice-overlap", type=float, default=0.2, metavar="F",
+                        help="overlap of neighbouring tiles, a fraction of S in [0, 1) (default 0.2)")
+    parser.add_argument("--slice-merge", choices=("nms", "wbf"), default="nms",
+                        help="merge tile boxes by NMS or weighted boxes fusion (default nms)")
+    parser.add_argument("--no-full-image", action="store_true",
+                        help="with --slice: skip the extra pass over the whole image")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides (put it last)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.slice is not None and args.slice < 1:
+        parser.error(f"--slice must be >= 1 pixel, got {args.slice}")
+    if not 0.0 <= args.slice_overlap < 1.0:
+        parser.error(f"--slice-overlap must be in [0, 1), got {args.slice_overlap}")
     return args
 
 
@@ -274,7 +291,9 @@ def infer_main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         predictor = Predictor(cfg, args.checkpoint, device=args.device, score_thr=args.score_thr,
-                              amp=args.amp, batch_size=args.batch_size)
+                              amp=args.amp, batch_size=args.batch_size, slice_size=args.slice,
+                              slice_overlap=args.slice_overlap, slice_merge=args.slice_merge,
+                              full_image=not args.no_full_image)
     except (ValueError, OSError) as e:   # the config / checkpoint / device the user named
         if isinstance(e, DetkitError):
             raise

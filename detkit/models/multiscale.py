@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
-__all__ = ["MultiScaleTrain", "TestTimeAug", "weighted_boxes_fusion", "flip_boxes"]
+__all__ = ["MultiScaleTrain", "TestTimeAug", "weighted_boxes_fusion", "merge_detections", "flip_boxes"]
 
 
 def flip_boxes(boxes: Tensor, width: int) -> Tensor:
@@ -174,13 +174,27 @@ class TestTimeAug:
         return dict(pred, boxes=pred["boxes"] / div)
 
     def _merge(self, preds: list[dict], num_views: int) -> dict:
-        boxes = torch.cat([p["boxes"] for p in preds])
-        scores = torch.cat([p["scores"] for p in preds])
-        labels = torch.cat([p["labels"] for p in preds])
-        if self.merge == "wbf":
-            boxes, scores, labels = weighted_boxes_fusion(boxes, scores, labels, iou_thr=self.iou_thr,
-                                                          num_views=num_views)
-            keep = torch.argsort(scores, descending=True)[: self.max_detections]
-        else:
-            keep = batched_nms(boxes, scores, labels, self.iou_thr)[: self.max_detections]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        boxes, scores, labels = merge_detections(
+            torch.cat([p["boxes"] for p in preds]), torch.cat([p["scores"] for p in preds]),
+            torch.cat([p["labels"] for p in preds]), merge=self.merge, iou_thr=self.iou_thr,
+            num_views=num_views, max_detections=self.max_detections)
+        return {"boxes": boxes, "scores": scores, "labels": labels}
+
+
+def merge_detections(boxes: Tensor, scores: Tensor, labels: Tensor, *, merge: str, iou_thr: float,
+                     num_views: int = 1, max_detections: int | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Class-wise merge of pooled Float[K,4] xyxy predictions from several views (TTA scales,
+    slicing tiles): ``merge="nms"`` keeps the best of overlapping boxes, ``"wbf"`` fuses them
+    (:func:`weighted_boxes_fusion`); returns boxes, scores, labels, best first, at most
+    ``max_detections`` (None: all)."""
+    if merge == "wbf":
+        boxes, scores, labels = weighted_boxes_fusion(boxes, scores, labels, iou_thr=iou_thr,
+                                                      num_views=num_views)
+        keep = torch.argsort(scores, descending=True)
+    elif merge == "nms":
+        keep = batched_nms(boxes, scores, labels, iou_thr)
+    else:
+        raise ValueError(f"merge must be 'nms' or 'wbf', got '{merge}'")
+    keep = keep[:max_detections]
+    return boxes[keep], scores[keep], labels[keep]
