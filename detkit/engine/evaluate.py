@@ -1,12 +1,20 @@
-"""Evaluation loop: every rank predicts its shard of the val loader; the evaluator gathers."""
+"""Evaluation loop: every rank predicts its shard of the val loader; the evaluator gathers.
+
+Rank 0 shows progress (tqdm, images/s) and reports where the time went: model vs metric.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from .dist import get_rank
 
 __all__ = ["inference_on_loader", "build_val", "evaluate_checkpoint"]
 
@@ -15,25 +23,75 @@ def _to_cpu(pred: dict) -> dict:
     return {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in pred.items()}
 
 
+def _num_images(loader) -> int | None:
+    """Images this rank's loader yields (its sampler's length), None when unknown."""
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if sampler is None:
+        sampler = getattr(loader, "sampler", None)
+    try:
+        return len(sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _stderr_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 @torch.no_grad()
-def inference_on_loader(model: nn.Module, loader, evaluator, device: torch.device) -> dict[str, float]:
+def inference_on_loader(model: nn.Module, loader, evaluator, device: torch.device, *,
+                        progress: bool | None = None,
+                        log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Run ``model`` (eval mode) over ``loader`` and return ``evaluator.evaluate()``.
 
     Must be called on every rank when training with DDP: the loader yields this rank's shard
     and the evaluator gathers all shards (it de-duplicates the images DistributedSampler pads).
     Predictions are mapped to original-image pixels by the model (targets carry the metas).
+
+    Rank 0 shows a tqdm bar in images/s (``progress``; default: when stderr is a terminal) and
+    logs one line through ``log`` (default: stderr) splitting the time into data loading, the model
+    and the metric (``process`` during the loop + ``evaluate`` at the end).
     """
+    from tqdm import tqdm
+
+    main = get_rank() == 0
+    show = main and (sys.stderr.isatty() if progress is None else progress)
+    bar = tqdm(total=_num_images(loader), desc="eval", unit="img", dynamic_ncols=True, leave=False,
+               file=sys.stderr, mininterval=0.5, disable=not show)
     was_training = model.training
     model.eval()
     evaluator.reset()
+    seconds = {"data": 0.0, "model": 0.0, "process": 0.0}
+    images_seen = 0
+    start = tick = time.perf_counter()
     try:
         for images, targets in loader:
+            now = time.perf_counter()
+            seconds["data"], tick = seconds["data"] + now - tick, now
             images = [im.to(device, non_blocking=True) for im in images]
-            predictions = model(images, targets)
-            evaluator.process(targets, [_to_cpu(p) for p in predictions])
-        return evaluator.evaluate()
+            # Copying to the CPU waits for the device, so the model time includes its queued kernels.
+            predictions = [_to_cpu(p) for p in model(images, targets)]
+            now = time.perf_counter()
+            seconds["model"], tick = seconds["model"] + now - tick, now
+            evaluator.process(targets, predictions)
+            now = time.perf_counter()
+            seconds["process"], tick = seconds["process"] + now - tick, now
+            images_seen += len(images)
+            bar.update(len(images))
+        bar.close()
+        results = evaluator.evaluate()
     finally:
+        bar.close()
         model.train(was_training)
+    evaluate_s = time.perf_counter() - tick
+    total = time.perf_counter() - start
+    if main:
+        (log or _stderr_line)(
+            f"evaluation: {images_seen} images on rank 0 in {total:.1f} s "
+            f"({images_seen / max(total, 1e-9):.1f} images/s); model {seconds['model']:.1f} s, "
+            f"metric {seconds['process'] + evaluate_s:.1f} s (process {seconds['process']:.1f} s + "
+            f"evaluate {evaluate_s:.1f} s), data loading {seconds['data']:.1f} s")
+    return results
 
 
 def build_val(cfg: dict, seed: int = 0):

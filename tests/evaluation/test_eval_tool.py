@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from evaluation_helpers import direct_results, make_gt, make_predictions
 from PIL import Image
 
 from detkit.evaluation import SegEvaluator, evaluate_coco_files
+
+from evaluation_helpers import direct_results, make_gt, make_predictions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,3 +104,18 @@ def test_config_and_checkpoint_mode(tmp_path, capsys):
     assert tool.main([str(tmp_path / "cfg.yaml"), str(tmp_path / "ckpt.pth"),
                       "--set", "evaluation.num_clases=5"]) == 2
     assert "num_clases" in capsys.readouterr().err
+
+
+def test_coco_file_mode_backend_option(tmp_path):
+    gt = make_gt()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(direct_results(make_predictions(gt))))
+    tool = load_tool()
+    written = {}
+    for backend in ("faster", "pycocotools"):
+        assert tool.main(["--coco-gt", str(tmp_path / "gt.json"), "--coco-dt", str(tmp_path / "dt.json"),
+                          "--backend", backend, "--out", str(tmp_path / f"{backend}.json")]) == 0
+        written[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
+    assert written["faster"] == pytest.approx(written["pycocotools"], abs=1e-12)
+    with pytest.raises(SystemExit):
+        tool.main(["--coco-gt", "a.json", "--coco-dt", "b.json", "--backend", "fast"])
