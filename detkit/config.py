@@ -181,6 +181,7 @@ def propagate_ignore_index(cfg: dict) -> dict:
 def _typed_nodes(node: Any, where: str = "") -> list[tuple[dict, str]]:
     """Every mapping with a ``type`` key inside ``node`` (dicts and lists), with its key path."""
     found = []
+    items: Iterable[tuple[Any, Any]]
     if isinstance(node, dict):
         if isinstance(node.get("type"), str):
             found.append((node, where))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 __all__ = ["DetkitError", "DatasetError", "warn_once", "note_once", "user_stacklevel"]
 
@@ -36,7 +37,7 @@ class DatasetError(DetkitError, ValueError):
 def user_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that points at
     the first frame outside the detkit package."""
-    frame = sys._getframe(1)   # the function that will call warnings.warn: stacklevel 1
+    frame: FrameType | None = sys._getframe(1)   # the function that will call warnings.warn: level 1
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back

@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detkit.cli import add_debug_flag, run_cli  # noqa: E402
 from detkit.errors import DetkitError  # noqa: E402
 
-RESUME_FILES = ("last.pth",)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -46,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _is_resume_file(path: Path) -> bool:
     from detkit.engine.checkpoint import ITER_PATTERN
 
-    return path.name in RESUME_FILES or ITER_PATTERN.match(path.name) is not None
+    return path.name == "last.pth" or ITER_PATTERN.match(path.name) is not None
 
 
 def strip_main(argv=None) -> int:

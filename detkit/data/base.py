@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -38,7 +40,11 @@ __all__ = ["ImageRecord", "DetectionDataset", "BoxChecker", "to_sample", "resolv
 CLIP_TOLERANCE = 0.5   # px: coordinates this far outside the image are rounding noise, clipped silently
 
 
-def resolve_path(root, path) -> Path | None:
+@overload
+def resolve_path(root, path: None) -> None: ...
+@overload
+def resolve_path(root, path: str | os.PathLike) -> Path: ...
+def resolve_path(root, path):
     """``path`` joined to ``root`` unless it is absolute (or ``root`` is None)."""
     if path is None:
         return None
@@ -91,7 +97,7 @@ class BoxChecker:
                  names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Float[N,4] xyxy -> (clipped boxes, Bool[N] keep). ``names`` label each box in messages."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        finite = np.isfinite(boxes).all(axis=1)
+        finite = np.asarray(np.isfinite(boxes).all(axis=1))
         safe = np.where(finite[:, None], boxes, 0.0)
         limits = np.array([width, height, width, height], np.float64)
         clipped = np.clip(safe, 0.0, limits)

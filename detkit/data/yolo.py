@@ -136,7 +136,6 @@ class YoloDetection(DetectionDataset):
             if img_dir is not None or label_dir is not None:
                 raise ConfigError("YoloDetection: give either data_yaml (+ split) or img_dir + label_dir")
             source = resolve_path(root, data_yaml)
-            assert source is not None
             sources, names = read_data_yaml(source, split)
             if class_names is not None and [str(n) for n in class_names] != names:
                 raise ConfigError(f"YoloDetection: class_names {class_names} differ from the names "

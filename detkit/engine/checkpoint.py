@@ -28,7 +28,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import numpy as np
 import torch
@@ -266,7 +266,7 @@ def load_model_weights(model: nn.Module, state: dict, *, source: str = "checkpoi
 def get_rng_state(model: nn.Module | None = None) -> dict:
     """This process's RNG states (python, numpy, torch, CUDA) as tensors and primitives, plus the
     size generator of ``model.multiscale_train`` when the model has one."""
-    np_state = np.random.get_state(legacy=True)
+    np_state = cast(tuple, np.random.get_state(legacy=True))   # legacy=True: the MT19937 tuple
     state = {
         "python": random.getstate(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

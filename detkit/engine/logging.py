@@ -28,7 +28,7 @@ MIN_BAR_COLUMNS = 40
 class WindowMeter:
     """Averages of scalars since the last :meth:`pop` (the log window)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._sum: dict[str, float] = defaultdict(float)
         self._count: dict[str, int] = defaultdict(int)
 
