@@ -39,8 +39,6 @@ class Trainer:
 
     def __init__(self, cfg: dict, work_dir: str | Path, *, resume: bool | str | Path = False,
                  deterministic: bool = False):
-        from ..models import build_model
-
         self.cfg, self.work_dir = cfg, Path(work_dir)
         self.dist = init_distributed()
         self.device = self.dist.device
@@ -53,7 +51,7 @@ class Trainer:
             ckpt_io.remove_stale_temporaries(self.work_dir)
         epoch_unit = self._build_train_data()
 
-        model = build_model(cfg["model"]).to(self.device)
+        model = self.build_model(cfg["model"]).to(self.device)
         self.model = model = convert_sync_bn(model, s["sync_bn"], self.dist, log=self._log)
         multiscale = getattr(model, "multiscale_train", None)
         if multiscale is not None:  # its batch sizes: seeded like the rest, resumable (rng state)
@@ -85,6 +83,12 @@ class Trainer:
         self.val = build_val(cfg, seed=s["seed"])
         self.logger = TrainLogger(self.work_dir, enabled=self.dist.is_main,
                                   max_iters=self.max_iters, start_iter=self.iter)
+
+    def build_model(self, cfg: dict) -> nn.Module:
+        """The model from the ``model`` section (a subclass may build another kind, e.g. detkit.ssl)."""
+        from ..models import build_model
+
+        return build_model(cfg)
 
     def _build_train_data(self) -> int | None:
         """Train dataset/loader and the iteration counts; returns iterations per schedule epoch
@@ -121,7 +125,8 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
                     losses = self.ddp_model(images, targets)
                 reduced = self._reduce_and_check(losses)
-                total = sum(losses.values())
+                # Keys without the loss_ prefix are detached scalars for the log (e.g. feature_std).
+                total = sum(v for k, v in losses.items() if k.startswith("loss_"))
                 self.scaler.scale(total / len(batches)).backward()
             for name, value in reduced.items():
                 losses_sum[name] = losses_sum.get(name, 0.0) + value / len(batches)
@@ -130,7 +135,11 @@ class Trainer:
         self.scheduler.step()
         if stepped and self.ema is not None:
             self.ema.update(self.model)
-        losses_sum["loss"] = sum(losses_sum.values())
+        hook = getattr(self.model, "after_optimizer_step", None)
+        if stepped and callable(hook):
+            # Per-step updates that follow the weights (momentum encoders of detkit.ssl methods).
+            hook(self.iter + 1, self.max_iters)
+        losses_sum["loss"] = sum(v for k, v in losses_sum.items() if k.startswith("loss_"))
         return {**losses_sum, "grad_norm": grad_norm}
 
     def _optimizer_step(self) -> tuple[float, bool]:
