@@ -37,12 +37,15 @@ class SSLMethod(nn.Module):
 
     export_prefix = ""
     export_name = ""
+    pixel_mean: Tensor   # Float[1,3,1,1]
+    pixel_std: Tensor
 
     def __init__(self, *, backbone: nn.Module, pixel_mean: Sequence[float] = IMAGENET_MEAN,
                  pixel_std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         self.backbone_type = type(backbone).__name__
-        shapes = backbone.output_shape()
+        # every detkit backbone has output_shape(); nn.Module does not declare it
+        shapes = backbone.output_shape()  # type: ignore[operator]
         self.feature_dim = int(shapes[list(shapes)[-1]].channels)
         # Same normalisation as the detectors (detkit.models.detectors.base), so the fine-tuned
         # backbone sees inputs distributed as during pre-training.

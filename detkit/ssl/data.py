@@ -12,6 +12,7 @@ Unreadable files behave as in detection training: ``ImageReadError`` naming the 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ class MultiViewDataset(Dataset):
     before the views are cut from it.
     """
 
-    def __init__(self, *, dataset: Dataset, views: MultiView, transforms=None):
+    def __init__(self, *, dataset: Any, views: MultiView, transforms=None):
         if not callable(getattr(dataset, "get_raw_checked", None)):
             raise ValueError(f"MultiViewDataset: source {type(dataset).__name__} has no get_raw_checked(); "
                              f"use ImageFolder or a detkit detection/segmentation dataset")

@@ -35,6 +35,8 @@ class DINO(SSLMethod):
 
     export_prefix = "teacher.backbone."
     export_name = "teacher"
+    center: Tensor       # Float[1,D]
+    progress: Tensor     # Float scalar
 
     def __init__(self, *, backbone: nn.Module, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  out_dim: int = 65536, student_temp: float = 0.1, teacher_temp: float = 0.04,

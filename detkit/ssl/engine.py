@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from ..engine.trainer import Trainer
-from .base import build_method
+from .base import SSLMethod, build_method
 
 __all__ = ["PretrainTrainer", "pretrain"]
 
@@ -26,7 +26,9 @@ class PretrainTrainer(Trainer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["meta"]["ssl"] = self.model.checkpoint_meta()
+        method = self.model
+        assert isinstance(method, SSLMethod)
+        state["meta"]["ssl"] = method.checkpoint_meta()
         return state
 
 

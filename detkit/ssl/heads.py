@@ -105,7 +105,7 @@ def momentum_update(online: nn.Module, target: nn.Module, momentum: float) -> No
     Buffers (BN running statistics) are left alone: the target runs in train mode and keeps
     its own statistics, as in the reference implementations.
     """
-    t_params = list(target.parameters())
+    t_params: list[Tensor] = list(target.parameters())
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):
         raise ValueError(f"momentum_update: {len(o_params)} online vs {len(t_params)} target parameters")

@@ -28,7 +28,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         rank, world = _world()
         ctx.rank, ctx.size = rank, x.shape[0]
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -36,7 +36,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]

@@ -49,6 +49,8 @@ class MoCoV2(SSLMethod):
 
     export_prefix = "encoder_q.backbone."
     export_name = "query encoder"
+    queue: Tensor        # Float[K,D] normalised keys, oldest at queue_ptr
+    queue_ptr: Tensor    # Int64 scalar
 
     def __init__(self, *, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  queue_size: int = 65536, temperature: float = 0.2, momentum: float = 0.999,

@@ -5,12 +5,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from ssl_helpers import make_folder, pretrain_config
 
 from detkit.data import ImageReadError, build_dataloader, build_dataset
 from detkit.registry import ConfigError
 from detkit.ssl import build_views
-
-from ssl_helpers import make_folder, pretrain_config
 
 
 def split(tmp_path, **views):

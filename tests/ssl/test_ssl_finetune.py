@@ -4,14 +4,13 @@ import copy
 
 import pytest
 import torch
+from ssl_helpers import R18, TINY_DARKNET
 
 from detkit.data import build_dataset
 from detkit.data.subset import subset_indices
 from detkit.models import build_model
 from detkit.registry import ConfigError
 from detkit.ssl import build_method
-
-from ssl_helpers import R18, TINY_DARKNET
 
 CENTERNET = {"type": "OneStageDetector", "num_classes": 4,
              "backbone": {"type": "ResNet", "depth": 18, "out_features": ["c2", "c3", "c4", "c5"]},

@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from detkit.ssl.losses import (byol_regression, dino_cross_entropy, info_nce, negative_cosine,
-                               normalised_std, nt_xent)
+from detkit.ssl.losses import (
+    byol_regression,
+    dino_cross_entropy,
+    info_nce,
+    negative_cosine,
+    normalised_std,
+    nt_xent,
+)
 
 
 def unit(rows):

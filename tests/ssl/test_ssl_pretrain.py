@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from ssl_helpers import TINY_DARKNET, make_folder, pretrain_config
 
 from detkit.engine import load_checkpoint
 from detkit.ssl import pretrain
-
-from ssl_helpers import TINY_DARKNET, make_folder, pretrain_config
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {
@@ -42,7 +41,8 @@ def test_exact_resume_of_a_pretraining_run(tmp_path, name):
     assert a["iter"] == b["iter"] == 4
     for key, value in a["model"].items():   # momentum encoder, queue, centre, progress included
         assert torch.equal(value, b["model"][key]), key
-    moved = [k for k, v in a["model"].items() if v.is_floating_point() and not torch.equal(v, half["model"][k])]
+    moved = [k for k, v in a["model"].items()
+             if v.is_floating_point() and not torch.equal(v, half["model"][k])]
     assert any(k.startswith(("encoder_k.", "teacher.")) for k in moved)   # momentum updates happened
     assert a["meta"]["ssl"]["backbone_type"] == "Darknet53"
 
@@ -70,9 +70,11 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs/pretrain").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_pretrain_config_builds(path):
     from detkit.config import load_config
+    from detkit.engine.setup import train_settings
     from detkit.ssl import build_method, build_views
 
     cfg = load_config(path)
+    train_settings(cfg)
     method = build_method(cfg["model"])
     assert method.backbone_type in ("ResNet", "Darknet53")
     views = build_views(cfg["data"]["train"]["dataset"]["views"])
