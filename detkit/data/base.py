@@ -227,9 +227,9 @@ class DetectionDataset(Dataset):
                 return self.get_raw(i)
             except ImageReadError as e:
                 if not self.skip_bad_images:
-                    raise ImageReadError(f"{e}; to skip unreadable images (each is reported once and "
-                                         f"counted) set {self.split_path or '<split>'}.skip_bad_images: "
-                                         f"true") from None
+                    where = self.split_path or "<split>"
+                    raise ImageReadError(f"{e}; to skip unreadable images (each is reported with a "
+                                         f"warning and counted) set {where}.skip_bad_images: true") from None
                 self.num_skipped += 1
                 warn_once(f"skipping unreadable image: {e}")
         raise ImageReadError(f"{type(self).__name__}: 32 unreadable images in a row from index {index}; "
