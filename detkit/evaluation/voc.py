@@ -23,8 +23,9 @@ from ..structures import boxes_to_original
 from . import _dist
 from .coco import dataset_coco_gt, load_coco
 from .report import format_table, safe_filename, save_pr_curve
+from .voc_match import flatten_per_image, match_class
 
-__all__ = ["VOCEvaluator", "voc_ap", "voc_eval_class", "pairwise_iou"]
+__all__ = ["VOCEvaluator", "voc_ap", "voc_eval_class", "voc_eval_arrays", "pairwise_iou"]
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> float:
@@ -67,33 +68,24 @@ def voc_eval_class(dets: dict, gts: dict, iou_thr: float = 0.5, metric: str = "v
     Returns:
         (recall, precision, AP, number of non-difficult GT); AP is NaN when that number is 0.
     """
-    npos = int(sum((~d).sum() for _, d in gts.values()))
-    image_of: list = []
-    box_parts, score_parts = [], []
-    for image_id, (b, s) in dets.items():
-        image_of += [image_id] * len(s)
-        box_parts.append(np.asarray(b, float).reshape(-1, 4))
-        score_parts.append(np.asarray(s, float).reshape(-1))
-    boxes = np.concatenate(box_parts) if box_parts else np.zeros((0, 4))
-    scores = np.concatenate(score_parts) if score_parts else np.zeros(0)
-    order = np.argsort(-scores, kind="stable")
-    matched = {i: np.zeros(len(d), bool) for i, (_, d) in gts.items()}
-    tp, fp = np.zeros(len(order)), np.zeros(len(order))
-    for rank, d in enumerate(order):
-        gt_boxes, difficult = gts.get(image_of[d], (np.zeros((0, 4)), np.zeros(0, bool)))
-        if len(gt_boxes) == 0:
-            fp[rank] = 1
-            continue
-        ious = pairwise_iou(boxes[d:d + 1], np.asarray(gt_boxes, float), legacy_coords)[0]
-        j = int(ious.argmax())
-        if ious[j] <= iou_thr:
-            fp[rank] = 1
-        elif not difficult[j]:
-            if matched[image_of[d]][j]:
-                fp[rank] = 1
-            else:
-                tp[rank] = 1
-                matched[image_of[d]][j] = True
+    index = {key: i for i, key in enumerate(dict.fromkeys([*dets, *gts]))}
+    det_image, det_boxes, (det_scores,) = flatten_per_image(dets, index) if dets else _NO_BOXES
+    gt_image, gt_boxes, (difficult,) = flatten_per_image(gts, index) if gts else _NO_BOXES
+    return voc_eval_arrays(det_image, det_boxes, det_scores.astype(np.float64), gt_image, gt_boxes,
+                           difficult.astype(bool), iou_thr, metric, legacy_coords)
+
+
+_NO_BOXES: tuple = (np.zeros(0, np.int64), np.zeros((0, 4)), [np.zeros(0)])
+
+
+def voc_eval_arrays(det_image: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray,
+                    gt_image: np.ndarray, gt_boxes: np.ndarray, gt_difficult: np.ndarray,
+                    iou_thr: float = 0.5, metric: str = "voc07",
+                    legacy_coords: bool = False) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """``voc_eval_class`` on flat arrays: image index Int[D] / Int[G] of every box (see voc_match)."""
+    npos = int((~gt_difficult).sum())
+    tp, fp = match_class(det_image, det_boxes, det_scores, gt_image, gt_boxes, gt_difficult, iou_thr,
+                         legacy_coords)
     tp, fp = np.cumsum(tp), np.cumsum(fp)
     if npos == 0:
         return np.zeros_like(tp), np.zeros_like(tp), float("nan"), 0
@@ -197,16 +189,20 @@ class VOCEvaluator:
         rows, aps = [], []
         gt_per_image = {i: (e["gt"] if self.coco_gt is None else self._gt_from_coco(i))
                         for i, e in images.items()}
+        # All images' boxes in flat arrays once; each class is then a mask, not a loop over images.
+        index = {key: i for i, key in enumerate(images)}
+        det_image, det_boxes, (det_scores, det_labels) = (
+            flatten_per_image({k: e["det"] for k, e in images.items()}, index) if images
+            else (*_NO_BOXES[:2], [np.zeros(0), np.zeros(0, np.int64)]))
+        gt_image, gt_boxes, (gt_labels, gt_difficult) = (
+            flatten_per_image(gt_per_image, index) if images
+            else (*_NO_BOXES[:2], [np.zeros(0, np.int64), np.zeros(0, bool)]))
+        det_scores, gt_difficult = det_scores.astype(np.float64), gt_difficult.astype(bool)
         for label, name in enumerate(self.class_names):
-            dets, gts = {}, {}
-            for image_id, entry in images.items():
-                boxes, labels, difficult = gt_per_image[image_id]
-                keep = labels == label
-                gts[image_id] = (boxes[keep], difficult[keep])
-                det_boxes, det_scores, det_labels = entry["det"]
-                keep = det_labels == label
-                dets[image_id] = (det_boxes[keep], det_scores[keep])
-            rec, prec, ap, npos = voc_eval_class(dets, gts, self.iou_thr, self.metric, self.legacy_coords)
+            d, g = det_labels == label, gt_labels == label
+            rec, prec, ap, npos = voc_eval_arrays(det_image[d], det_boxes[d], det_scores[d], gt_image[g],
+                                                  gt_boxes[g], gt_difficult[g], self.iou_thr, self.metric,
+                                                  self.legacy_coords)
             metrics[f"voc/AP-{name}"] = ap
             aps.append(ap)
             rows.append([name, npos, len(rec), ap])
