@@ -15,6 +15,7 @@ images) to stderr, once per process and on rank 0 only.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import warnings
@@ -23,6 +24,11 @@ from types import FrameType
 __all__ = ["DetkitError", "DatasetError", "warn_once", "note_once", "user_stacklevel"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Frames that are not the user's: detkit itself, and the DataLoader and multiprocessing machinery
+# between a dataset and the code that iterates it (a forked worker's stack continues into the
+# parent's frames, so a worker's warning also lands on the line that started the loop).
+_NOT_USER_DIRS = (_PACKAGE_DIR, os.path.dirname(multiprocessing.__file__) + os.sep)
+_DATALOADER_PART = os.sep + os.path.join("torch", "utils", "data") + os.sep   # without importing torch
 _WARNED: set[str] = set()
 
 
@@ -36,10 +42,11 @@ class DatasetError(DetkitError, ValueError):
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that points at
-    the first frame outside the detkit package."""
+    the first frame outside detkit (and outside the DataLoader / multiprocessing machinery)."""
     frame: FrameType | None = sys._getframe(1)   # the function that will call warnings.warn: level 1
     level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and (frame.f_code.co_filename.startswith(_NOT_USER_DIRS)
+                                 or _DATALOADER_PART in frame.f_code.co_filename):
         frame = frame.f_back
         level += 1
     return level

@@ -134,9 +134,10 @@ def test_skip_bad_images_on_the_split_skips_and_counts(tmp_path):
     with pytest.raises(DatasetError, match=r"2\.jpg.*data\.train\.skip_bad_images: true"):
         next(iter(build_dataloader(split, dataset, train=True, seed=0)))
     dataset = build_dataset(dict(split, skip_bad_images=True), path="data.train")
-    with pytest.warns(UserWarning, match=r"skipping unreadable image.*2\.jpg"):
+    with pytest.warns(UserWarning, match=r"skipping unreadable image.*2\.jpg") as record:
         images, _ = next(iter(build_dataloader(split, dataset, train=True, seed=0)))
     assert len(images) == 4 and dataset.num_skipped == 1
+    assert record[0].filename == __file__      # the line that iterates, not detkit's or torch's
 
 
 def test_worker_message_is_unwrapped_and_debug_shows_the_traceback(capsys, monkeypatch):
