@@ -118,3 +118,19 @@ def test_build_from_config_with_dataset():
     assert ev.num_classes == 5 and ev.class_names[1] == "circle"
     ev = build_evaluator({"type": "SegEvaluator", "num_classes": 3}, None)
     assert ev.num_classes == 3 and ev.class_names is None
+
+
+@pytest.mark.parametrize("ignore_index", [255, -1])
+def test_confusion_matrix_equals_numpy_for_uint8_and_negative_ignore(ignore_index):
+    rng = np.random.default_rng(3)
+    gt = rng.integers(0, 21, (64, 48))
+    gt[rng.random(gt.shape) < 0.1] = ignore_index
+    pred = rng.integers(0, 21, gt.shape)
+    keep = gt != ignore_index
+    ref = np.bincount(gt[keep] * 21 + pred[keep], minlength=21 * 21).reshape(21, 21)
+    dtype = torch.uint8 if ignore_index == 255 else torch.int64
+    got = confusion_matrix(torch.from_numpy(pred).to(dtype), torch.from_numpy(gt).to(dtype), 21, ignore_index)
+    assert got.dtype == torch.int64 and torch.equal(got, torch.from_numpy(ref))
+    gt[0, 0] = 21
+    with pytest.raises(ValueError, match="ground-truth label 21"):
+        confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), 21, ignore_index)
