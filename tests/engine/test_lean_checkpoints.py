@@ -72,6 +72,10 @@ def test_strip_tool(run, tmp_path, capsys):
     for key, value in half["model"].items():
         assert value.dtype == (torch.float16 if full[key].is_floating_point() else full[key].dtype)
         torch.testing.assert_close(value.to(full[key].dtype), full[key], atol=2e-3, rtol=1e-3)
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    scores = [Predictor(None, path, device="cpu", score_thr=0.0).predict_arrays([image])[0]["scores"]
+              for path in (work / "last.pth", tmp_path / "w.pth")]
+    torch.testing.assert_close(scores[1][:10], scores[0][:10], atol=1e-2, rtol=0)   # float16 weights
     (tmp_path / "bad.pth").write_bytes(b"x")
     assert tool.main([str(tmp_path / "bad.pth")]) == 2
     assert "bad.pth" in capsys.readouterr().err
