@@ -59,6 +59,9 @@ class Mosaic(Dataset):
             raise ValueError(f"Mosaic: the wrapped dataset ({type(dataset).__name__}) has no get_raw()")
         if len(dataset) == 0:
             raise ValueError("Mosaic: the wrapped dataset is empty")
+        if getattr(dataset, "instance_masks", False):
+            raise ValueError("Mosaic does not tile instance masks; train Mask R-CNN without Mosaic "
+                             "(or set instance_masks: false for a box-only model)")
         self.size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
         if len(self.size) != 2 or min(self.size) < 2:
             raise ValueError(f"Mosaic: size must be a positive int or [h, w], got {size!r}")

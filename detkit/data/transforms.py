@@ -6,8 +6,8 @@ any albumentations transform (``HorizontalFlip``, ``RandomBrightnessContrast``, 
 nested ``transforms`` list ...). Images stay UInt8[H,W,3] RGB; do not add ``Normalize`` or
 ``ToTensorV2`` (the model normalises, ``to_sample`` converts).
 
-Image, boxes (xyxy pixel edges), per-box fields (labels, iscrowd, difficult) and ``sem_seg`` move
-together. Boxes are clipped to the image and dropped when nothing is left of them.
+Image, boxes (xyxy pixel edges), per-box fields (labels, iscrowd, difficult, instance ``masks``)
+and ``sem_seg`` move together. Boxes are clipped to the image and dropped when nothing is left of them.
 
 Scale / offset: the pipeline also pushes three probe points (0,0), (W0,0), (0,H0) through every
 transform and reads the resulting axis-aligned map ``transformed = original * scale + offset``.
@@ -68,6 +68,10 @@ class _Geometric(A.DualTransform):
 
     def apply_to_mask(self, mask, nh, nw, top, left, out_h, out_w, **params):
         return self._warp(mask, nh, nw, top, left, out_h, out_w, self.mask_pad_value, cv2.INTER_NEAREST)
+
+    def apply_to_masks(self, masks, nh, nw, top, left, out_h, out_w, **params):
+        # Instance masks: padding is background (0), not the semantic map's "ignore" value.
+        return np.stack([self._warp(m, nh, nw, top, left, out_h, out_w, 0, cv2.INTER_NEAREST) for m in masks])
 
     def apply_to_bboxes(self, bboxes, nh, nw, top, left, out_h, out_w, **params):
         # albumentations hands boxes normalised by the input size: renormalise by the output size.
@@ -193,6 +197,9 @@ class Pipeline:
                 "keypoints": np.array([[0, 0], [w0, 0], [0, h0]], np.float32)}
         if raw.get("sem_seg") is not None:
             data["mask"] = raw["sem_seg"]
+        masks = raw.get("masks")
+        if masks is not None and len(masks):   # albumentations cannot stack an empty list
+            data["masks"] = np.asarray(masks)
         out = self.compose(**data)
         new_boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)[:, :4]
         index = np.asarray(out[_BOX_INDEX], np.float64).astype(np.int64).reshape(-1)
@@ -204,6 +211,9 @@ class Pipeline:
                 result[key] = np.asarray(raw[key])[index]
         if "mask" in out:
             result["sem_seg"] = out["mask"]
+        if masks is not None:
+            result["masks"] = (np.asarray(out["masks"])[index] if len(masks)
+                               else np.zeros((0, *out["image"].shape[:2]), np.uint8))
         probe = np.asarray(out["keypoints"], np.float64)[:, :2]
         sx, sy = (probe[1, 0] - probe[0, 0]) / w0, (probe[2, 1] - probe[0, 1]) / h0
         (s0x, s0y), (o0x, o0y) = raw.get("scale", (1.0, 1.0)), raw.get("offset", (0.0, 0.0))

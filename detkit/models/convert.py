@@ -2,7 +2,8 @@
 
 Supported: ``fasterrcnn_resnet50_fpn`` (v1) -> ``TwoStageDetector`` with ``ResNet(depth=50)``,
 ``FPN(extra_levels=maxpool)``, ``RPNHead`` and ``RoIHead(box_head=TwoMLPHead)``
-(configs/faster_rcnn/faster_rcnn_r50_fpn_coco.yaml).
+(configs/faster_rcnn/faster_rcnn_r50_fpn_coco.yaml); ``maskrcnn_resnet50_fpn`` (v1) -> the same
+plus ``MaskRoIHead`` (configs/mask_rcnn/mask_rcnn_r50_fpn_coco.yaml).
 
 Key mapping::
 
@@ -14,6 +15,9 @@ Key mapping::
     roi_heads.box_head.fc6|fc7.*               -> roi_head.box_head.fc6|fc7.*
     roi_heads.box_predictor.cls_score.*        -> roi_head.cls_score.*  (rows: classes, then background)
     roi_heads.box_predictor.bbox_pred.*        -> roi_head.bbox_pred.*  (background rows dropped)
+    roi_heads.mask_head.i.0.* (mask_fcn{i+1}.*) -> mask_head.convs.i.*
+    roi_heads.mask_predictor.conv5_mask.*      -> mask_head.deconv.*
+    roi_heads.mask_predictor.mask_fcn_logits.* -> mask_head.logits.*   (background row dropped)
 
 torchvision's class 0 is background and foreground classes are 1..K; detkit's foreground
 labels are 0..C-1 with background last. ``class_ids`` picks which torchvision classes become
@@ -42,7 +46,8 @@ from .utils import load_state_dict_checked
 __all__ = ["torchvision_to_detkit", "load_torchvision_weights", "use_torchvision_anchors",
            "apply_converted_meta", "COCO_CATEGORY_IDS", "SUPPORTED_ARCHS"]
 
-SUPPORTED_ARCHS = ("fasterrcnn_resnet50_fpn",)
+SUPPORTED_ARCHS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")
+_MASK_LOGITS = "roi_heads.mask_predictor.mask_fcn_logits"
 _UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in _UNUSED_COCO_IDS]
 
@@ -55,10 +60,19 @@ _RENAMES = [  # (regex on the torchvision key, replacement); first match wins
     (r"^rpn\.head\.cls_logits\.", "rpn.objectness."),
     (r"^rpn\.head\.bbox_pred\.", "rpn.deltas."),
     (r"^roi_heads\.box_head\.(fc6|fc7)\.", r"roi_head.box_head.\1."),
+    (r"^roi_heads\.mask_head\.(\d+)\.0\.", r"mask_head.convs.\1."),
+    (r"^roi_heads\.mask_predictor\.conv5_mask\.", "mask_head.deconv."),
 ]
+_MASK_ARCH_ONLY = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
+_LEGACY_MASK_FCN = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.")  # torchvision < 0.13 names
 
 
-def _rename(key: str) -> str | None:
+def _rename(key: str, arch: str) -> str | None:
+    if key.startswith(_MASK_ARCH_ONLY) and not arch.startswith("maskrcnn"):
+        return None
+    legacy = _LEGACY_MASK_FCN.match(key)
+    if legacy:
+        return f"mask_head.convs.{int(legacy.group(1)) - 1}.{key[legacy.end():]}"
     for pattern, replacement in _RENAMES:
         if re.search(pattern, key):
             return re.sub(pattern, replacement, key)
@@ -74,6 +88,8 @@ def _predictor(state: Mapping[str, Tensor], class_ids: Sequence[int]) -> dict[st
     for name in ("weight", "bias"):
         out[f"roi_head.cls_score.{name}"] = state[f"roi_heads.box_predictor.cls_score.{name}"][cls_rows]
         out[f"roi_head.bbox_pred.{name}"] = state[f"roi_heads.box_predictor.bbox_pred.{name}"][box_rows]
+        if f"{_MASK_LOGITS}.{name}" in state:   # one mask channel per class, background dropped
+            out[f"mask_head.logits.{name}"] = state[f"{_MASK_LOGITS}.{name}"][keep]
     return out
 
 
@@ -92,6 +108,9 @@ def torchvision_to_detkit(state_dict: Mapping[str, Tensor], arch: str = "fasterr
             state = dict(state[key])
     if "roi_heads.box_predictor.cls_score.weight" not in state:
         raise ValueError(f"not a torchvision {arch} state dict (no roi_heads.box_predictor.cls_score)")
+    if arch.startswith("maskrcnn") and f"{_MASK_LOGITS}.weight" not in state:
+        raise ValueError(f"not a torchvision {arch} state dict (no {_MASK_LOGITS}): a Faster R-CNN "
+                         f"checkpoint? use arch fasterrcnn_resnet50_fpn")
     num_tv_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
     class_ids = list(range(1, num_tv_classes + 1)) if class_ids is None else list(class_ids)
     bad = [c for c in class_ids if not 1 <= int(c) <= num_tv_classes]
@@ -99,9 +118,10 @@ def torchvision_to_detkit(state_dict: Mapping[str, Tensor], arch: str = "fasterr
         raise ValueError(f"class_ids {bad} out of range: the checkpoint has classes 1..{num_tv_classes}")
     out, unknown = _predictor(state, class_ids), []
     for key, value in state.items():
-        if key.startswith("roi_heads.box_predictor."):
+        if key.startswith("roi_heads.box_predictor.") or (key.startswith(_MASK_LOGITS)
+                                                           and arch.startswith("maskrcnn")):
             continue
-        new = _rename(key)
+        new = _rename(key, arch)
         if new is None:
             unknown.append(key)
         else:

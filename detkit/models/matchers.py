@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_area, box_iou
 
-__all__ = ["Matcher", "match_boxes", "box_ioa", "split_ignored", "NEGATIVE", "IGNORE"]
+__all__ = ["Matcher", "match_boxes", "box_ioa", "ignore_flags", "split_ignored", "NEGATIVE", "IGNORE"]
 
 NEGATIVE = -1
 IGNORE = -2
@@ -87,6 +87,16 @@ def match_boxes(matcher: Matcher, gt_boxes: Tensor, boxes: Tensor, ignore_region
     return matches
 
 
+def ignore_flags(target: dict) -> Tensor:
+    """Bool[N]: which of a target's boxes are ``iscrowd`` or ``difficult`` (ignore regions)."""
+    boxes = target["boxes"]
+    ignore = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    for key in ("iscrowd", "difficult"):
+        if target.get(key) is not None:
+            ignore |= torch.as_tensor(target[key], device=boxes.device).bool().reshape(-1)
+    return ignore
+
+
 def split_ignored(target: dict) -> tuple[Tensor, Tensor, Tensor]:
     """(Float[M,4] boxes, Int64[M] labels, Float[G,4] ignore regions) of a target dict.
 
@@ -96,9 +106,6 @@ def split_ignored(target: dict) -> tuple[Tensor, Tensor, Tensor]:
     labels = target.get("labels")
     if labels is None:
         labels = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
-    ignore = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    for key in ("iscrowd", "difficult"):
-        if target.get(key) is not None:
-            ignore |= torch.as_tensor(target[key], device=boxes.device).bool().reshape(-1)
+    ignore = ignore_flags(target)
     keep = ~ignore
     return boxes[keep], labels[keep], boxes[ignore]

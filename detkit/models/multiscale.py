@@ -87,6 +87,9 @@ class MultiScaleTrain:
             if "sem_seg" in target:
                 target["sem_seg"] = F.interpolate(target["sem_seg"][None, None].float(),
                                                   size=resized.shape[-2:], mode="nearest")[0, 0].long()
+            if "masks" in target:   # instance masks, Bool[N,H,W]
+                target["masks"] = F.interpolate(target["masks"][None].float(), size=resized.shape[-2:],
+                                                mode="nearest")[0] > 0.5
             out_images.append(resized)
             out_targets.append(target)
         return out_images, out_targets

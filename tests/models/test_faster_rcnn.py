@@ -103,7 +103,7 @@ def test_convert_predictor_rows_and_errors():
     with pytest.raises(ValueError, match="no detkit counterpart"):
         torchvision_to_detkit(dict(state, **{"roi_heads.mask_head.0.weight": torch.zeros(1)}))
     with pytest.raises(ValueError, match="unsupported arch"):
-        torchvision_to_detkit(state, arch="maskrcnn_resnet50_fpn")
+        torchvision_to_detkit(state, arch="keypointrcnn_resnet50_fpn")
     renamed = torchvision_to_detkit(dict(state, **{"backbone.fpn.inner_blocks.2.0.weight": torch.ones(1),
                                                    "rpn.head.conv.0.0.bias": torch.ones(1)}))
     assert "neck.lateral_convs.2.weight" in renamed and "rpn.conv.0.bias" in renamed

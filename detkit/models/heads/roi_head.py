@@ -28,7 +28,7 @@ from ...registry import HEADS, ROI_POOLERS, ConfigError, check_kwargs
 from ...structures import ShapeSpec
 from ..backbones.resnet import ResNet
 from ..box_coder import BoxCoder
-from ..matchers import NEGATIVE, Matcher, match_boxes, split_ignored
+from ..matchers import NEGATIVE, Matcher, ignore_flags, match_boxes, split_ignored
 from ..sampling import sample_balanced
 
 __all__ = ["RoIHeadBase", "RoIHead", "TwoMLPHead", "ConvFCHead", "Res5Head", "make_pooler"]
@@ -102,7 +102,9 @@ class RoIHeadBase(nn.Module):
     def sample_proposals(self, proposals: list[Tensor], targets: list[dict]
                          ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         """Assign and sample RoIs per image -> (sampled Float[S_b,4] boxes, per image dict with
-        ``labels`` Int64[S_b] (C = background) and ``gt_boxes`` Float[S_b,4] (zeros for background)).
+        ``labels`` Int64[S_b] (C = background), ``gt_boxes`` Float[S_b,4] (zeros for background)
+        and ``gt_index`` Int64[S_b], the matched box's index in ``target["boxes"]`` (-1 for
+        background; the mask head uses it to find the instance mask)).
         """
         sampled_boxes, samples = [], []
         for boxes, target in zip(proposals, targets):
@@ -120,8 +122,10 @@ class RoIHeadBase(nn.Module):
             fg = matched >= 0
             labels[fg] = gt_labels[matched[fg]]
             gt_sampled[fg] = gt_boxes[matched[fg]]
+            gt_index = torch.full_like(matched, -1)
+            gt_index[fg] = torch.where(~ignore_flags(target))[0][matched[fg]]
             sampled_boxes.append(boxes[idx])
-            samples.append({"labels": labels, "gt_boxes": gt_sampled})
+            samples.append({"labels": labels, "gt_boxes": gt_sampled, "gt_index": gt_index})
         return sampled_boxes, samples
 
     def loss(self, outputs: dict, samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
