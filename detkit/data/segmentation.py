@@ -72,7 +72,8 @@ class SemanticSegDataset(DetectionDataset):
             stems = sorted(images)
         with_mask = [s for s in stems if (self.mask_dir / f"{s}{mask_suffix}").is_file()]
         if len(with_mask) < len(stems):
-            missing = [images[s].name for s in stems if s not in set(with_mask)]
+            kept = set(with_mask)
+            missing = [images[s].name for s in stems if s not in kept]
             warn_once(f"SemanticSegDataset: {len(missing)} of {len(stems)} images of {self.img_dir} have "
                       f"no mask {mask_suffix} in {self.mask_dir} and are left out, e.g. "
                       f"{', '.join(missing[:3])}")
@@ -86,9 +87,10 @@ class SemanticSegDataset(DetectionDataset):
         if mask_values is None:
             return None
         values = [int(v) for v in mask_values]
-        if len(values) != len(self.class_names) or len(set(values)) != len(values):
-            raise DatasetError(f"SemanticSegDataset: mask_values must give one distinct value per "
-                               f"class ({len(self.class_names)} class_names), got {len(values)}")
+        if (len(values) != len(self.class_names) or len(set(values)) != len(values)
+                or not all(0 <= v <= 255 for v in values)):
+            raise DatasetError(f"SemanticSegDataset: mask_values must give one distinct value 0..255 per "
+                               f"class ({len(self.class_names)} class_names), got {values}")
         lut = np.full(256, self.ignore_index, np.uint8)
         lut[values] = np.arange(len(values), dtype=np.uint8)
         return lut
