@@ -108,7 +108,10 @@ def read_data_yaml(path: Path, split: str) -> tuple[list[Path], list[str]]:
         splits = [k for k in ("train", "val", "test") if data.get(k)]
         raise DatasetError(f"{path}: no '{split}' entry (it has: {', '.join(splits) or 'none'})")
     entries = data[split] if isinstance(data[split], list) else [data[split]]
-    return [(base / str(e)).resolve() for e in entries], _class_names(data["names"], path)
+    names = _class_names(data["names"], path)
+    if data.get("nc") is not None and int(data["nc"]) != len(names):
+        raise DatasetError(f"{path}: nc is {data['nc']} but 'names' has {len(names)} entries")
+    return [(base / str(e)).resolve() for e in entries], names
 
 
 def _list_images(source: Path) -> list[Path]:

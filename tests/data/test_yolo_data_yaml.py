@@ -82,5 +82,8 @@ def test_data_yaml_errors_name_the_file(tmp_path):
     data_yaml.write_text(yaml.safe_dump({"path": "../ds", "train": "images/train", "names": ["a"]}))
     with pytest.raises(DatasetError, match=r"data\.yaml: no 'val' entry \(it has: train\)"):
         YoloDetection(data_yaml=str(data_yaml), split="val")
+    data_yaml.write_text(yaml.safe_dump({"train": "images/train", "nc": 3, "names": ["a", "b"]}))
+    with pytest.raises(DatasetError, match=r"nc is 3 but 'names' has 2 entries"):
+        YoloDetection(data_yaml=str(data_yaml))
     with pytest.raises(DatasetError, match=r"data_yaml not found: .*absent\.yaml"):
         YoloDetection(data_yaml=str(tmp_path / "absent.yaml"))
