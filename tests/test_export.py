@@ -1,109 +1,83 @@
-"""tools/export.py: ONNX export of a tiny CenterNet, checked with onnxruntime against PyTorch."""
+"""tools/export.py: the CLI around detkit.deploy.export (parity per family: tests/deploy/)."""
 
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from detkit.config import dump_config
+from detkit.config import dump_config, load_config
+from detkit.deploy.export import ExportError, export_onnx
 from detkit.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 
 
 def _load_tool(name):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
 export = _load_tool("export")
-
 TINY_MODEL = {
     "type": "OneStageDetector", "num_classes": 3,
     "backbone": {"type": "ResNet", "depth": 18, "out_features": ["c2", "c3", "c4", "c5"]},
     "neck": {"type": "FPN", "out_channels": 16},
     "head": {"type": "CenterNetHead", "in_feature": "p2", "head_channels": 8},
 }
+CLASSES = ["circle", "square", "star"]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def test_cli_exports_end_to_end_and_writes_metadata(tmp_path, capsys):
     torch.manual_seed(0)
-    tmp = tmp_path_factory.mktemp("export")
-    model = build_model(TINY_MODEL).eval()
-    # Make the heatmap non-trivial so that decoded boxes differ between images.
-    with torch.no_grad():
-        model.head.heatmap[-1].bias.normal_(0, 1)
+    model = build_model(TINY_MODEL)
+    with torch.no_grad():                       # spread-out scores, boxes of a few cells
+        model.head.heatmap[-1].weight.normal_(0, 0.05)
         model.head.wh[-1].bias.fill_(4.0)
-    torch.save({"model": model.state_dict(), "iter": 1}, tmp / "tiny.pth")
-    dump_config({"model": TINY_MODEL}, tmp / "tiny.yaml")
-    out = tmp / "tiny.onnx"
-    code = export.main([str(tmp / "tiny.yaml"), str(tmp / "tiny.pth"), "--out", str(out),
-                        "--size", "64", "96", "--dynamic"])
-    assert code == 0
-    return model, out
+    torch.save({"model": model.state_dict(), "meta": {"class_names": CLASSES}}, tmp_path / "m.pth")
+    dump_config({"model": TINY_MODEL}, tmp_path / "m.yaml")
+    out = tmp_path / "m.onnx"
+    code = export.main([str(tmp_path / "m.yaml"), str(tmp_path / "m.pth"), "--out", str(out),
+                        "--size", "64", "96", "--batch", "2", "--dynamic"])
+    assert code == 0 and "check passed" in capsys.readouterr().out
+    info = json.loads(Path(f"{out}.json").read_text())
+    assert info["outputs"] == ["boxes", "scores", "labels", "num_detections"]
+    assert info["class_names"] == CLASSES and info["dynamic"] is True
+    assert load_config(tmp_path / "m.yaml")["model"] == __import__("yaml").safe_load(info["config"])["model"]
 
 
-def _reference_outputs(model, x):
-    """The raw head outputs computed directly from the detector's parts (no export code)."""
-    with torch.no_grad():
-        normed = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
-            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        return model.head(model.neck(model.backbone(normed)))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_export_leaves_the_callers_model_unchanged(mode, tmp_path):
+    model = build_model(TINY_MODEL).train(mode == "train")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "m.onnx", 64, 64)
+    assert model.training == (mode == "train")
+    assert all(m.training == (mode == "train") for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert next(model.parameters()).device.type == "cpu"
 
 
-def test_onnxruntime_matches_pytorch(exported):
-    model, path = exported
-    info = json.loads(Path(f"{path}.json").read_text())
-    assert info["outputs"] == ["heatmap", "wh", "offset"]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # Another batch size and image size than at export time: the axes are dynamic.
-    x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
-    got = dict(zip(info["outputs"], session.run(None, {"images": x.numpy()})))
-    ref = _reference_outputs(model, x)
-    assert got["heatmap"].shape == (2, 3, 24, 32)
-    for name in ("heatmap", "wh", "offset"):
-        np.testing.assert_allclose(got[name], ref[name].numpy(), atol=1e-4, rtol=1e-4)
+def test_dcn_config_is_a_clear_error(tmp_path, capsys):
+    code = export.main([str(ROOT / "configs/centernet/centernet_r18_dcn_coco.yaml"), "none", "--out",
+                        str(tmp_path / "x.onnx"), "--size", "64", "64",
+                        "--set", "model.backbone.weights=null"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "neck.stages.0.conv.conv" in err and "DeformConv" in err and "without DCN" in err
+    assert not (tmp_path / "x.onnx").exists()
 
 
-def test_documented_postprocessing_gives_the_model_detections(exported):
-    model, path = exported
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
-    names = [o.name for o in session.get_outputs()]
-    outputs = export.unflatten(dict(zip(names, session.run(None, {"images": x.numpy()}))))
-    onnx_dets = model.head.predict(outputs, [(64, 96)])[0]
-    with torch.no_grad():
-        torch_dets = model([x[0]])[0]
-    assert len(torch_dets["boxes"]) > 0
-    torch.testing.assert_close(onnx_dets["boxes"], torch_dets["boxes"], atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(onnx_dets["scores"], torch_dets["scores"], atol=1e-4, rtol=1e-4)
-    assert torch.equal(onnx_dets["labels"], torch_dets["labels"])
-
-
-def test_check_reports_small_difference(exported):
-    model, path = exported
-    diffs = export.check_onnx(model, path, 64, 96)
-    assert set(diffs) == {"heatmap", "wh", "offset"} and max(diffs.values()) < 1e-4
-
-
-def test_flatten_unflatten_round_trip():
-    nested = {"a": [torch.ones(1), torch.zeros(2)], "b": {"c": torch.full((3,), 2.0)}}
-    flat = export.flatten(nested)
-    assert [n for n, _ in flat] == ["a.0", "a.1", "b.c"]
-    back = export.unflatten(dict(flat))
-    assert isinstance(back["a"], list) and torch.equal(back["a"][1], torch.zeros(2))
-    assert torch.equal(back["b"]["c"], nested["b"]["c"])
-    levels = [torch.ones(1), torch.ones(2)]            # a YOLO-style list of levels
-    assert [t.shape for t in export.unflatten(dict(export.flatten(levels)))] == [(1,), (2,)]
+def test_generic_tta_is_refused_with_the_override_to_use(tmp_path):
+    cfg = dict(TINY_MODEL, test_time_aug={"scales": [1.0], "flip": True})
+    with pytest.raises(ExportError, match="model.test_time_aug=null"):
+        export_onnx(build_model(cfg), tmp_path / "x.onnx", 64, 64)
 
 
 def test_bad_size_and_foreign_checkpoint(tmp_path, capsys):

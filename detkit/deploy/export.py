@@ -1,0 +1,173 @@
+"""End-to-end exportable detectors and the ONNX export itself.
+
+``exportable(model)`` wraps a detkit detector in a module whose ``forward(images)`` takes
+Float[B,3,H,W] RGB in [0,1] (H, W multiples of ``size_divisibility``) and returns the whole
+inference, decode and NMS included (legend and padding rules: ``detkit.deploy.postprocess``):
+
+* detectors: ``boxes`` Float[B,K,4] xyxy input pixels, ``scores`` Float[B,K], ``labels``
+  Int64[B,K] (-1 on padding rows), ``num_detections`` Int64[B];
+* segmentors: ``sem_seg`` Int64[B,H,W].
+
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. The dynamo exporter
+needs every data-dependent size (NMS output, score threshold) declared as an unbacked symbol with
+hints and has no ``NonMaxSuppression`` / ``RoiAlign`` translation for a custom autograd function,
+while the TorchScript tracer keeps those sizes symbolic, exports torchvision's ``roi_align`` /
+``roi_pool`` to ONNX ``RoiAlign`` / ``MaxRoiPool`` and lets :class:`~detkit.deploy.ops.GroupedNMS`
+emit ``NonMaxSuppression``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .ops import image_hw
+from .postprocess import OUTPUT_NAMES, finalize, one_stage_candidates
+from .two_stage import roi_head_candidates, rpn_proposals
+
+__all__ = ["ExportError", "exportable", "export_onnx", "check_exportable", "SEG_OUTPUT_NAMES"]
+
+SEG_OUTPUT_NAMES = ("sem_seg",)
+
+
+class ExportError(ValueError):
+    """A model (or a part of it) that cannot be exported; the message names it and the way out."""
+
+
+class _Exportable(nn.Module):
+    """Normalisation + features of a detkit detector (shared by every family wrapper)."""
+
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model: Any = model      # a detkit detector; its parts are read by duck typing
+
+    def features(self, images: Tensor) -> dict[str, Tensor]:
+        m = self.model
+        return m.features(_Batch((images - m.pixel_mean) / m.pixel_std))
+
+
+class _Batch:
+    """The one attribute of ``ImageList`` that ``Detector.features`` reads."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+
+class OneStageExport(_Exportable):
+    """OneStageDetector (YOLOv3, YOLOv1, CenterNet; CenterNet's ``flip_test`` included)."""
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        m, hw = self.model, image_hw(images)
+        n = images.shape[0]
+        if m.flip_test:
+            outputs = m.head(self.features(torch.cat([images, images.flip(-1)])))
+            outputs = m.head.merge_flip({k: v[:n] for k, v in outputs.items()},
+                                        {k: v[n:] for k, v in outputs.items()})
+        else:
+            outputs = m.head(self.features(images))
+        return finalize(one_stage_candidates(m.head, outputs, hw), m.head.num_classes, n)
+
+
+class TwoStageExport(_Exportable):
+    """TwoStageDetector: RPN -> RoIHead (RoIAlign / SPP pooling) or RFCNHead."""
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        m, hw, n = self.model, image_hw(images), images.shape[0]
+        features = self.features(images)
+        proposals, ok = rpn_proposals(m.rpn, features, hw, n)
+        return roi_head_candidates(m.roi_head, features, proposals, ok, hw, n)
+
+
+class SegmentorExport(_Exportable):
+    """Segmentor: per-pixel argmax of the upsampled logits."""
+
+    output_names = SEG_OUTPUT_NAMES
+
+    def forward(self, images: Tensor) -> Tensor:
+        logits = self.model.head.upsample(self.model.head(self.features(images)))
+        return logits.argmax(dim=1)
+
+
+def check_exportable(model: nn.Module, opset: int) -> None:
+    """Raise ExportError for layers without an ONNX form (deformable convs) and for settings the
+    graph cannot reproduce (generic test-time augmentation)."""
+    from torchvision.ops import DeformConv2d
+
+    from ..models.layers.deform_conv import DeformConvBlock
+
+    for name, module in model.named_modules():
+        if isinstance(module, (DeformConvBlock, DeformConv2d)):
+            raise ExportError(
+                f"layer '{name}' ({type(module).__name__}) is a deformable convolution: torchvision "
+                f"has no ONNX export for it (ONNX DeformConv exists from opset 19 only, you asked "
+                f"for {opset}, and onnxruntime's CPU provider does not implement it). Export a "
+                f"config without DCN (e.g. drop backbone.dcn_stages / neck.deformable).")
+    if getattr(model, "test_time_aug", None) is not None:
+        raise ExportError("model.test_time_aug is not part of an exported graph; export with "
+                          "--set model.test_time_aug=null")
+
+
+def exportable(model: nn.Module) -> _Exportable:
+    """The family wrapper of a detkit model (used as is, so pass a copy in eval mode)."""
+    from ..models.detectors.one_stage import OneStageDetector
+    from ..models.detectors.segmentor import Segmentor
+    from ..models.detectors.two_stage import TwoStageDetector
+
+    for cls, wrapper in ((OneStageDetector, OneStageExport), (TwoStageDetector, TwoStageExport),
+                         (Segmentor, SegmentorExport)):
+        if isinstance(model, cls):
+            return wrapper(model)
+    raise ExportError(f"{type(model).__name__}: no exportable form (detkit exports "
+                      f"OneStageDetector, TwoStageDetector and Segmentor)")
+
+
+def export_onnx(model: nn.Module, out: str | Path, height: int, width: int, *, batch: int = 1,
+                opset: int = 17, dynamic: bool = False, class_names: list[str] | None = None,
+                config_text: str | None = None) -> dict:
+    """Export ``model`` end to end to ``out`` and write ``<out>.json``; returns that metadata.
+
+    ``class_names`` and ``config_text`` (the resolved YAML config) go into the metadata, so that a
+    runtime can pre-process and name classes without the original files.
+    The caller's model is not touched (mode, device and weights): a CPU copy in eval mode is
+    traced. Raises ExportError (a clear message) for what cannot be exported.
+    """
+    div = int(getattr(model, "size_divisibility", 1) or 1)
+    if height % div or width % div:
+        raise ExportError(f"--size {height} {width}: must be multiples of the model's "
+                          f"size_divisibility ({div})")
+    check_exportable(model, opset)
+    wrapper = exportable(copy.deepcopy(model).cpu().eval())
+    names = list(wrapper.output_names)
+    example = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
+    axes = None
+    if dynamic:
+        axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+        axes.update({n: {0: "batch"} for n in names})
+        if names == list(SEG_OUTPUT_NAMES):
+            axes["sem_seg"] = {0: "batch", 1: "height", 2: "width"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")   # tracer warnings on trace-time constants (strides, k)
+        torch.onnx.export(wrapper, (example,), str(out), input_names=["images"], output_names=names,
+                          opset_version=opset, dynamic_axes=axes, dynamo=False)
+    mean: Tensor = model.pixel_mean  # type: ignore[assignment]
+    info = {"input": {"name": "images", "shape": ["batch" if dynamic else batch, 3,
+                                                  "height" if dynamic else height,
+                                                  "width" if dynamic else width],
+                      "format": "RGB float in [0,1], NCHW; normalisation is inside the graph",
+                      "size_divisibility": div, "pixel_mean": mean.flatten().tolist()},
+            "outputs": names, "class_names": list(class_names or []),
+            "detector": type(model).__name__, "dynamic": bool(dynamic), "opset": int(opset)}
+    if config_text is not None:
+        info["config"] = config_text
+    Path(f"{out}.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info

@@ -1,0 +1,129 @@
+"""An exported model behind the detector call of ``Predictor``: ``model(images, metas)``.
+
+``DeployedModel`` takes what a detkit detector takes at inference (a list of Float[3,Hi,Wi]
+images from the config's test pipeline and their metas), pads them into one batch exactly as
+``Detector.preprocess`` does (bottom / right, to ``size_divisibility``, with the pixel mean so
+the normalised padding is 0 as in PyTorch), runs ONNX Runtime or OpenVINO, and maps the padded
+``[B,K]`` outputs back per image with the PyTorch path's own ``Detector.map_to_original``.
+
+Differences from the PyTorch model (documented in the README): boxes are clipped to the padded
+input in the graph and to the unpadded image here, after NMS (PyTorch clips before NMS), and a
+segmentor's label map is resized to the original image by nearest neighbour (PyTorch resizes the
+logits bilinearly before the argmax). With pipelines whose output size is a multiple of
+``size_divisibility`` (Letterbox, fixed resizes) there is no padding and no difference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from ..models.detectors.base import IMAGENET_MEAN, Detector
+
+__all__ = ["DeployedModel", "is_exported", "BACKENDS"]
+
+BACKENDS = ("pytorch", "onnxruntime", "openvino")
+
+
+def is_exported(checkpoint) -> bool:
+    """True for an exported ``.onnx`` file (what the runtimes run), False for a checkpoint."""
+    return checkpoint is not None and str(checkpoint).lower().endswith(".onnx")
+
+
+class DeployedModel:
+    """Run an exported ``.onnx`` file like a detkit detector in eval mode.
+
+    Args:
+        path: the ``.onnx`` file (its ``.onnx.json`` metadata is read when present).
+        backend: ``onnxruntime`` (default) or ``openvino``.
+        device: ``cpu`` or ``cuda[:N]`` (onnxruntime's CUDA provider, CPU fallback with a warning).
+        threads: intra-op threads of the runtime (None: its default).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, backend: str = "onnxruntime", device: str = "cpu",
+                 threads: int | None = None):
+        if backend == "onnxruntime":
+            from .onnx_runtime import OnnxRuntimeModel as Runtime
+        elif backend == "openvino":
+            from .openvino_runtime import OpenVINOModel as Runtime  # type: ignore[assignment]
+        else:
+            raise ValueError(f"backend '{backend}' cannot run {path}: use one of "
+                             f"{', '.join(BACKENDS[1:])} for an exported .onnx file")
+        self.path = Path(path)
+        self.runtime = Runtime(path, device=str(device), threads=threads)
+        info = self.runtime.info
+        self.size_divisibility = int(info.get("input", {}).get("size_divisibility", 32))
+        mean = info.get("input", {}).get("pixel_mean", list(IMAGENET_MEAN))
+        self.pixel_mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        shape = self.runtime.input_shape()
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.fixed_hw = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else None
+
+    @property
+    def info(self) -> dict:
+        return self.runtime.info
+
+    def stored_config(self) -> dict | None:
+        """The resolved config stored at export (``None`` when the metadata has none)."""
+        text = self.runtime.info.get("config")
+        cfg = yaml.safe_load(text) if isinstance(text, str) else None
+        return cfg if isinstance(cfg, dict) else None
+
+    def batch(self, images: Sequence[Tensor]) -> np.ndarray:
+        """Float32[B,3,H,W]: images padded bottom/right with the pixel mean to a common size."""
+        div = max(self.size_divisibility, 1)
+        height = -(-max(int(im.shape[-2]) for im in images) // div) * div
+        width = -(-max(int(im.shape[-1]) for im in images) // div) * div
+        if self.fixed_hw is not None and (height, width) != self.fixed_hw:
+            raise ValueError(f"{self.path} was exported for {self.fixed_hw[0]}x{self.fixed_hw[1]} "
+                             f"inputs, the test pipeline gives {height}x{width} (padded): export "
+                             f"again with --dynamic or a matching --size")
+        out = self.pixel_mean.expand(len(images), 3, height, width).clone()
+        for target, image in zip(out, images):
+            target[:, : image.shape[-2], : image.shape[-1]] = image.float().cpu()
+        return out.numpy()
+
+    def run(self, images: Sequence[Tensor]) -> dict[str, np.ndarray]:
+        """Outputs of one batch; a model exported with a fixed batch size B0 runs in chunks of B0."""
+        step = self.fixed_batch or len(images)
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(images), step):
+            chunk = list(images[start:start + step])
+            count = len(chunk)
+            chunk += [chunk[-1]] * (step - count)          # fill a fixed batch with repeats
+            outputs = self.runtime(self.batch(chunk))
+            parts.append({k: v[:count] for k, v in outputs.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def __call__(self, images: Sequence[Tensor], metas: Sequence[dict] | None = None) -> list[dict]:
+        """Per image ``boxes`` / ``scores`` / ``labels`` (or ``sem_seg``), in original pixels
+        when ``metas`` are given (as ``Detector.forward`` with targets)."""
+        outputs = self.run(images)
+        results = []
+        for i, image in enumerate(images):
+            h, w = int(image.shape[-2]), int(image.shape[-1])
+            if "sem_seg" in outputs:
+                result = {"sem_seg": torch.from_numpy(outputs["sem_seg"][i, :h, :w])}
+                if metas is not None:
+                    from ..evaluation.segmentation import sem_seg_to_original
+
+                    result["sem_seg"] = sem_seg_to_original(result["sem_seg"], metas[i])
+                results.append(result)
+                continue
+            n = int(outputs["num_detections"][i])
+            boxes = torch.from_numpy(outputs["boxes"][i, :n]).float()
+            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
+                                 boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
+            result = {"boxes": boxes, "scores": torch.from_numpy(outputs["scores"][i, :n]).float(),
+                      "labels": torch.from_numpy(outputs["labels"][i, :n]).long()}
+            results.append(Detector.map_to_original(result, metas[i]) if metas is not None else result)
+        return results
+
+    def __repr__(self) -> str:
+        return f"DeployedModel({self.path.name}, {self.runtime.name})"
