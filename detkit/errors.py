@@ -7,8 +7,9 @@ and what to do): the command-line tools print it as one ``error: ...`` line and 
 and torch can re-raise it in the main process when a DataLoader worker raised it.
 
 :func:`warn_once` emits a warning once per process for each message (a dataset built twice, for
-training and for class names, warns once) and attributes it to the first caller outside detkit
-(the user's script or ``tools/train.py``), not to the registry line that constructed the dataset.
+training and for class names, warns once; under torchrun only rank 0 warns, since every rank
+builds the same datasets) and attributes it to the first caller outside detkit (the user's script
+or ``tools/train.py``), not to the registry line that constructed the dataset.
 :func:`note_once` prints a one-line summary that is not a problem (e.g. a count of background
 images) to stderr, once per process and on rank 0 only.
 """
@@ -52,9 +53,13 @@ def user_stacklevel() -> int:
     return level
 
 
-def warn_once(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn(message)`` unless this process already warned with the same text."""
-    if message in _WARNED:
+def warn_once(message: str, category: type[Warning] = UserWarning, *, all_ranks: bool = False) -> None:
+    """``warnings.warn(message)`` unless this process already warned with the same text.
+
+    ``all_ranks``: warn on every torchrun rank (for what one rank sees alone, such as an image
+    of its shard), not only on rank 0.
+    """
+    if message in _WARNED or (not all_ranks and os.environ.get("RANK", "0") != "0"):
         return
     _WARNED.add(message)
     warnings.warn(message, category, stacklevel=user_stacklevel())

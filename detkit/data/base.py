@@ -198,7 +198,8 @@ class DetectionDataset(Dataset):
                 if record.file not in self._stored_frame:
                     self._stored_frame.add(record.file)
                     warn_once(f"{record.file}: annotated size {record.height}x{record.width} is the "
-                              f"stored frame, not the EXIF-rotated one; EXIF orientation not applied")
+                              f"stored frame, not the EXIF-rotated one; EXIF orientation not applied",
+                              all_ranks=True)
                 return stored
             raise ImageReadError(
                 f"{record.file}: image is {image.shape[0]}x{image.shape[1]} (HxW, EXIF orientation "
@@ -231,7 +232,7 @@ class DetectionDataset(Dataset):
                     raise ImageReadError(f"{e}; to skip unreadable images (each is reported with a "
                                          f"warning and counted) set {where}.skip_bad_images: true") from None
                 self.num_skipped += 1
-                warn_once(f"skipping unreadable image: {e}")
+                warn_once(f"skipping unreadable image: {e}", all_ranks=True)
         raise ImageReadError(f"{type(self).__name__}: 32 unreadable images in a row from index {index}; "
                              f"check the image folder")
 

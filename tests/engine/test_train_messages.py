@@ -52,3 +52,11 @@ def test_frozen_bn_without_weights_warns_at_build_time(monkeypatch):
     frozen = [w for w in caught if "FrozenBN" in str(w.message)]
     assert len(frozen) == 1 and "norm: BN" in str(frozen[0].message)
     assert frozen[0].filename == __file__          # the caller's line, not registry.py
+
+    monkeypatch.setattr(errors, "_WARNED", set())
+    monkeypatch.setenv("RANK", "1")                # torchrun: every rank builds the same model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BACKBONES.build({"type": "ResNet", "depth": 18, "norm": "FrozenBN", "weights": None})
+        errors.warn_once("seen by this rank only", all_ranks=True)
+    assert [str(w.message) for w in caught] == ["seen by this rank only"]
