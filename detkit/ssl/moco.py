@@ -11,8 +11,9 @@ encoder transferred to detection.
 Deviations: ``bn_splits`` > 1 encodes queries and (shuffled) keys in that many chunks per
 process, so one process emulates Shuffle BN's per-GPU batch statistics (the MoCo authors' own
 single-GPU demo does the same with split BatchNorm). The shapes config shortens the queue to
-1024 keys (about one epoch of its 1000 images, so negatives stay recent) and lowers the momentum
-to 0.99 for a run of a few hundred steps. Feature std is logged on the queries.
+256 keys: on a 1000-image set a queue of about an epoch holds an older key of almost every
+query's own image as a negative. It lowers the momentum to 0.99 for a run of a few hundred
+steps. Feature std is logged on the queries.
 """
 
 from __future__ import annotations

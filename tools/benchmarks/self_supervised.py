@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Self-supervised pre-training -> low-label detection fine-tuning on shapes (README table).
 
-    python tools/benchmarks/ssl.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
+    python tools/benchmarks/self_supervised.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
         [--pretrain-iters 200] [--pretrain-batch 32] [--finetune-iters 300]
         [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock]
 
@@ -13,8 +13,9 @@ finally a weighted 20-NN classifier of frozen pooled c5 features on object crops
 as the bank, val objects as queries, 64 x 64) checks the representations. Steps whose outputs
 exist are skipped, so an interrupted run continues. ``--lock``: each training holds this file
 lock (flock) so that heavy jobs of a shared machine run one at a time; times exclude the wait
-(they are the sums of the logged step times). ``tools/benchmark.py ssl`` prints the table of
-the results already in ``--work-dir``.
+(they are the sums of the logged step times). ``tools/benchmark.py self_supervised`` prints the
+table of the results already in ``--work-dir``. (Not named ``ssl.py``: run as a script, that name would
+shadow Python's ``ssl`` module.)
 """
 
 from __future__ import annotations
@@ -171,10 +172,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.work_dir = args.work_dir if args.work_dir.is_absolute() else REPO / args.work_dir
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    weights = {m: pretrain(args, m) for m in args.methods}
-    for fraction in args.fractions:
+    for fraction in args.fractions:      # results arrive in order: scratch, then method by method
         finetune(args, "scratch", fraction, None)
-        for m in args.methods:
+    weights = {}
+    for m in args.methods:
+        weights[m] = pretrain(args, m)
+        for fraction in args.fractions:
             finetune(args, m, fraction, weights[m])
     knn = None
     if not args.skip_knn:
@@ -189,7 +192,7 @@ def main(argv=None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """``tools/benchmark.py ssl``: the table of the results already measured (runs nothing)."""
+    """``tools/benchmark.py self_supervised``: the table of results already measured (runs nothing)."""
     saved = parse_args([])
     saved.work_dir = REPO / saved.work_dir
     knn_file = saved.work_dir / "knn.json"
@@ -197,8 +200,8 @@ def run(args: argparse.Namespace) -> None:
     methods = [m for m in METHODS if (saved.work_dir / m).is_dir()]
     fractions = sorted({float(p.name.rsplit("_", 1)[1]) for p in saved.work_dir.glob("ft_scratch_*")})
     if not fractions:
-        print(f"no results in {saved.work_dir}; measure with: python tools/benchmarks/ssl.py --lock "
-              f"/tmp/detkit_heavy.lock")
+        print(f"no results in {saved.work_dir}; measure with: python "
+              f"tools/benchmarks/self_supervised.py --lock /tmp/detkit_heavy.lock")
         return
     print(table(saved, methods, fractions, knn))
 
