@@ -4,11 +4,25 @@ detkit writes no launcher: ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RAN
 ``MASTER_ADDR``/``MASTER_PORT`` and :func:`init_distributed` reads them. Without them (plain
 ``python tools/train.py``) everything runs as a single process and every collective here is a
 no-op, so the trainer has one code path.
+
+Restarts (``torchrun --max-restarts``): torchrun's agent serves one TCPStore at
+``MASTER_ADDR:MASTER_PORT`` for the whole job and keeps it, with every key the workers wrote,
+across restarts. ``init_process_group`` names its keys the same way in every process
+(``default_pg/0//cpu//0/<rank>`` holds a gloo rank's listening address, the NCCL unique id lives
+beside it), so a restarted rank can read the address a killed peer published and dial a dead port
+(``Connection refused``, or a gloo connect that retries until the 30-minute timeout). The store
+namespace of a restart count is not a fix on several nodes: each node's agent counts its own
+restarts (pytorch#135712). :func:`init_distributed` therefore puts the process group under a
+prefix that rank 0 draws afresh and hands to every rank that asked for it after it started
+(:func:`_agree_on_prefix`), and retries the join with backoff for ``init_timeout_minutes``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +32,9 @@ import torch.distributed as dist
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "get_rank", "get_world_size",
            "is_main_process", "barrier", "all_reduce_tensor", "all_gather_object", "broadcast_object",
            "broadcast_buffers"]
+
+_JOIN = "detkit/join/"  # the handshake's keys in torchrun's store
+_MAX_BACKOFF_S = 30.0
 
 
 class DistInfo:
@@ -53,11 +70,14 @@ def _env_int(name: str, default: int) -> int:
                            f"(it is normally set by torchrun)") from None
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+def init_distributed(timeout_minutes: float = 30.0, init_timeout_minutes: float = 5.0) -> DistInfo:
     """Join the process group torchrun describes; single process when not launched by torchrun.
 
     Backend: NCCL when CUDA is available (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPU.
-    Calling it again in a process that already joined returns the same information.
+    ``timeout_minutes``: how long a collective may wait for a rank that does not arrive before it
+    raises (gloo) or aborts the process (NCCL), so a hung rank ends the job. ``init_timeout_minutes``:
+    how long joining may take, retries included; then a RuntimeError names this rank and the
+    store address. Calling it again in a process that already joined returns the same information.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -72,12 +92,101 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=timeout_minutes)}
-        if use_cuda:
-            kwargs["device_id"] = device  # binds NCCL to this GPU up front (no guessing at barrier)
-        dist.init_process_group(**kwargs)
+        _join_with_retries("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                           device=device if use_cuda else None,
+                           timeout=timedelta(minutes=timeout_minutes),
+                           init_timeout=timedelta(minutes=init_timeout_minutes))
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _join_with_retries(backend: str, *, rank: int, world_size: int, device: torch.device | None,
+                       timeout: timedelta, init_timeout: timedelta) -> None:
+    """``init_process_group`` under a fresh store prefix; a failed try is retried with backoff
+    (1, 2, 4 ... 30 s) until ``init_timeout`` has passed, then one error names rank and address."""
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    deadline = time.monotonic() + init_timeout.total_seconds()
+    delay, attempt = 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            _join_once(backend, rank=rank, world_size=world_size, device=device, timeout=timeout,
+                       deadline=deadline)
+            return
+        except (RuntimeError, OSError) as e:  # torch's DistError/DistStoreError are RuntimeErrors
+            cleanup_distributed()
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if time.monotonic() + delay >= deadline:
+                raise RuntimeError(
+                    f"rank {rank} of {world_size} could not join the {backend} process group through "
+                    f"the store at {address} within {init_timeout.total_seconds():.0f} s "
+                    f"({attempt} tries); last error: {reason}. Check that every rank was started, "
+                    f"that {address} is reachable from this host, or raise dist.init_timeout_minutes"
+                ) from e
+        # Outside the except clause: the failed try's store (a server on rank 0 when torchrun's
+        # agent serves none) is released before the next try binds the same port.
+        print(f"warning (rank {rank}): joining the process group at {address} failed ({reason}); "
+              f"retrying in {delay:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        delay = min(2 * delay, _MAX_BACKOFF_S)
+
+
+def _join_once(backend: str, *, rank: int, world_size: int, device: torch.device | None,
+               timeout: timedelta, deadline: float) -> None:
+    # The "env://" rendezvous opens a client of the agent's store under torchrun (rank 0 serves
+    # one itself when launched otherwise) without any prefix of its own.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
+                                       timeout=_remaining(deadline)))
+    prefix = _agree_on_prefix(store, rank, world_size, deadline)
+    kwargs: dict[str, Any] = {}
+    if device is not None:
+        kwargs["device_id"] = device  # binds NCCL to this GPU up front (no guessing at barrier)
+    # Connecting must finish by the deadline; collectives then get their own timeout.
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
+                            world_size=world_size, timeout=_remaining(deadline), **kwargs)
+    if hasattr(dist, "set_timeout"):  # torch >= 2.6; older versions keep the join timeout
+        dist.set_timeout(timeout)
+    store.set_timeout(timeout)
+
+
+def _remaining(deadline: float) -> timedelta:
+    return timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+
+
+def _agree_on_prefix(store: Any, rank: int, world_size: int, deadline: float) -> str:
+    """A store prefix shared by every rank of this launch and used by no earlier one.
+
+    Rank > 0 takes a ticket from a counter that only grows (a ticket is never handed out twice,
+    whatever earlier launches left in the store) and waits for the answer to that ticket; rank 0
+    draws a random prefix and answers every ticket not answered yet until all ``world_size - 1``
+    others confirmed under that prefix. An answer can only come from a rank 0 that saw the ticket,
+    i.e. one that runs now.
+    """
+    if rank == 0:
+        return _issue_prefix(store, world_size, deadline)
+    ticket = int(store.add(_JOIN + "tickets", 1))
+    answer = f"{_JOIN}answer/{ticket}"
+    store.wait([answer], _remaining(deadline))
+    prefix = store.get(answer).decode()
+    store.add(f"{prefix}joined", 1)
+    return prefix
+
+
+def _issue_prefix(store: Any, world_size: int, deadline: float) -> str:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"detkit/pg/{restart}-{uuid.uuid4().hex}/"  # the restart count only helps reading
+    answered = int(store.add(_JOIN + "answered", 0))  # tickets an earlier rank 0 answered
+    while int(store.add(f"{prefix}joined", 0)) < world_size - 1:
+        issued = int(store.add(_JOIN + "tickets", 0))
+        for ticket in range(answered + 1, issued + 1):
+            store.set(f"{_JOIN}answer/{ticket}", prefix)
+        if issued > answered:
+            store.add(_JOIN + "answered", issued - answered)
+            answered = issued
+        if time.monotonic() > deadline:
+            missing = world_size - 1 - int(store.add(f"{prefix}joined", 0))
+            raise TimeoutError(f"{missing} of {world_size - 1} other ranks did not ask to join")
+        time.sleep(0.02)
+    return prefix
 
 
 def cleanup_distributed() -> None:

@@ -1,4 +1,4 @@
-"""Trainer settings (``train`` config section), seeding, and epoch-wise data iteration."""
+"""Trainer settings (``train`` and ``dist`` config sections), seeding, epoch-wise data iteration."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from ..config import check_keys, merge
 from ..registry import ConfigError
 
-__all__ = ["TRAIN_DEFAULTS", "train_settings", "seed_everything", "set_loader_epoch",
-           "epoch_batches"]
+__all__ = ["TRAIN_DEFAULTS", "DIST_DEFAULTS", "train_settings", "dist_settings", "seed_everything",
+           "set_loader_epoch", "epoch_batches"]
 
 # Mirrors configs/_base_/runtime.yaml (a test keeps them equal) so that a config without that
 # base still trains with documented values.
@@ -40,6 +40,13 @@ TRAIN_DEFAULTS: dict = {
     "load_from": None,
 }
 _REPLACED = ("optimizer", "scheduler")  # a config's optimizer/scheduler replaces, never merges
+
+# The ``dist`` section, mirrored by configs/_base_/runtime.yaml like TRAIN_DEFAULTS: the keyword
+# arguments of detkit.engine.dist.init_distributed.
+DIST_DEFAULTS: dict = {
+    "timeout_minutes": 30.0,
+    "init_timeout_minutes": 5.0,
+}
 
 
 def train_settings(cfg: dict) -> dict:
@@ -69,6 +76,19 @@ def train_settings(cfg: dict) -> dict:
     if int(s["checkpoint"]["interval"]) < 1:
         raise ConfigError("train.checkpoint.interval: must be >= 1")
     return copy.deepcopy(s)
+
+
+def dist_settings(cfg: dict) -> dict:
+    """``cfg['dist']`` over :data:`DIST_DEFAULTS`, checked: unknown keys and non-positive values raise."""
+    user = cfg.get("dist") or {}
+    if not isinstance(user, dict):
+        raise ConfigError("dist: expected a mapping")
+    check_keys(user, DIST_DEFAULTS, "dist")
+    s = {**DIST_DEFAULTS, **user}
+    for key, value in s.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"dist.{key}: expected a number of minutes > 0, got {value!r}")
+    return {k: float(v) for k, v in s.items()}
 
 
 def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
