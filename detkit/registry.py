@@ -13,9 +13,13 @@ keyword-only and never read a config.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
+import importlib
 import inspect
-from typing import Any, Callable
+import types
+import typing
+from typing import Any, Callable, Sequence
 
 from .errors import DetkitError
 
@@ -41,7 +45,7 @@ def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
             if base is object or "__init__" not in vars(base):
                 continue
             params = {k: p for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-            for name, p in inspect.signature(base.__init__).parameters.items():
+            for name, p in inspect.signature(vars(base)["__init__"]).parameters.items():
                 params.setdefault(name, p)
     return params
 
@@ -64,26 +68,98 @@ def check_kwargs(fn: Callable, kwargs: dict, path: str, owner: str) -> None:
             raise ConfigError(f"{path}: '{owner}' needs the argument '{name}'")
 
 
+def _type_hints(fn: Callable) -> dict[str, Any]:
+    """Resolved annotations of ``fn`` (a class: its ``__init__`` and, through ``**kwargs``, its
+    bases'); empty where they cannot be resolved, which turns the type check off rather than on."""
+    functions = [fn]
+    if inspect.isclass(fn):
+        functions = [vars(c)["__init__"] for c in fn.__mro__ if c is not object and "__init__" in vars(c)]
+    hints: dict[str, Any] = {}
+    for function in functions:
+        try:
+            for name, hint in typing.get_type_hints(function).items():
+                hints.setdefault(name, hint)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation: no check for that function
+            continue
+    return hints
+
+
+_SEQUENCES = (list, tuple, collections.abc.Sequence)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value can be ``hint``: plain scalars, mappings and sequences (with their
+    item type) are checked; anything else (modules, callables, Literal ...) is accepted."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    if hint in _SEQUENCES or origin in _SEQUENCES:
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)) else Any
+        return item is Any or all(_fits(v, item) for v in value)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def check_types(fn: Callable, kwargs: dict, path: str) -> None:
+    """Raise ConfigError naming the key when a value cannot have its annotated type (e.g. a list
+    for an ``int`` or a number for a ``dict``), before the constructor fails on it anonymously."""
+    hints = _type_hints(fn)
+    for key, value in kwargs.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(f"{path}.{key}: expected {_type_name(hints[key])}, got {value!r} "
+                              f"({type(value).__name__})")
+
+
 def construct(obj: Callable, kwargs: dict, path: str, owner: str | None = None,
               errors: tuple[type[Exception], ...] = (TypeError, ValueError)) -> Any:
     """``obj(**kwargs)`` after ``check_kwargs``; ``errors`` raised by it become a ConfigError
     naming ``path`` (the step ``Registry.build`` and every ``from_config`` end with)."""
-    owner = owner or getattr(obj, "__name__", str(obj))
-    check_kwargs(obj, kwargs, path, owner)
+    name = owner or str(getattr(obj, "__name__", obj))
+    check_kwargs(obj, kwargs, path, name)
+    check_types(obj, kwargs, path)
     try:
         return obj(**kwargs)
     except DetkitError:   # ConfigError, or a DatasetError naming the user's file: already clear
         raise
     except errors as e:
-        raise ConfigError(f"{path} ({owner}): {e}") from e
+        raise ConfigError(f"{path} ({name}): {e}") from e
 
 
 class Registry:
-    """A named table of classes (or factory functions) buildable from config dicts."""
+    """A named table of classes (or factory functions) buildable from config dicts.
 
-    def __init__(self, name: str):
+    ``loads``: modules whose import registers detkit's own entries (``detkit.models`` for the
+    model parts). They are imported on the first lookup, so building from a registry works
+    without importing them first (the registry module itself cannot import them: they import it).
+    """
+
+    def __init__(self, name: str, *, loads: Sequence[str] = ()):
         self.name = name
         self._table: dict[str, Callable] = {}
+        self._pending_loads = list(loads)
+
+    def _load_own_parts(self) -> None:
+        while self._pending_loads:  # popped first: the import registers into this very registry
+            importlib.import_module(self._pending_loads.pop(0))
 
     def register(self, name: str | None = None) -> Callable:
         """Decorator: ``@BACKBONES.register()`` registers under the class name."""
@@ -99,6 +175,7 @@ class Registry:
         return deco
 
     def get(self, name: str, path: str = "type") -> Callable:
+        self._load_own_parts()
         if name not in self._table:
             raise ConfigError(
                 f"{path}: unknown {self.name} type '{name}'{closest(name, self._table)}; "
@@ -106,9 +183,11 @@ class Registry:
         return self._table[name]
 
     def __contains__(self, name: str) -> bool:
+        self._load_own_parts()
         return name in self._table
 
     def names(self) -> list[str]:
+        self._load_own_parts()
         return sorted(self._table)
 
     def build(self, cfg: dict, path: str | None = None, **extra: Any) -> Any:
@@ -132,14 +211,14 @@ class Registry:
         if hasattr(obj, "from_config"):
             return obj.from_config(kwargs, path=path, **extra)
         kwargs.update(extra)
-        return construct(obj, kwargs, path, cfg["type"])
+        return construct(obj, kwargs, path, str(cfg["type"]))
 
 
-BACKBONES = Registry("backbone")
-NECKS = Registry("neck")
-HEADS = Registry("head")
-DETECTORS = Registry("detector")
-DATASETS = Registry("dataset")
-TRANSFORMS = Registry("transform")
-EVALUATORS = Registry("evaluator")
-ROI_POOLERS = Registry("roi_pooler")
+BACKBONES = Registry("backbone", loads=["detkit.models"])
+NECKS = Registry("neck", loads=["detkit.models"])
+HEADS = Registry("head", loads=["detkit.models"])
+DETECTORS = Registry("detector", loads=["detkit.models"])
+DATASETS = Registry("dataset", loads=["detkit.data"])
+TRANSFORMS = Registry("transform", loads=["detkit.data"])
+EVALUATORS = Registry("evaluator", loads=["detkit.evaluation"])
+ROI_POOLERS = Registry("roi_pooler", loads=["detkit.models"])

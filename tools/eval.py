@@ -67,6 +67,7 @@ def evaluate_model(args) -> tuple[dict, str]:
     from detkit.engine.dist import init_distributed
     from detkit.engine.evaluate import build_val
     from detkit.models import build_model
+    from detkit.models.convert import apply_converted_meta
 
     info = init_distributed()
     cfg = load_config(args.config, args.overrides)
@@ -80,7 +81,9 @@ def evaluate_model(args) -> tuple[dict, str]:
     model = build_model(cfg["model"]).to(device)
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    load_model_weights(model, inference_state_dict(load_checkpoint(args.checkpoint)), source=args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint)
+    load_model_weights(model, inference_state_dict(ckpt), source=args.checkpoint)
+    apply_converted_meta(model, ckpt.get("meta") or {})
     metrics = inference_on_loader(model, loader, evaluator, device)
     report = evaluator.report() if hasattr(evaluator, "report") else ""
     if not report:
