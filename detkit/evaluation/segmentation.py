@@ -42,9 +42,9 @@ def confusion_matrix(pred: Tensor, gt: Tensor, num_classes: int, ignore_index: i
     valid = gt != ignore_index
     lo, hi = torch.aminmax(gt) if gt.numel() else (0, 0)
     if lo < 0 or hi >= k:  # only when some pixels are ignored or out of range
-        bad = gt[valid & ((gt < 0) | (gt >= k))]
-        if bad.numel():
-            raise ValueError(f"ground-truth label {bad[0].item()} is outside 0..{k - 1} and is not "
+        bad = valid & ((gt < 0) | (gt >= k))
+        if bad.any():
+            raise ValueError(f"ground-truth label {gt[bad][0].item()} is outside 0..{k - 1} and is not "
                              f"ignore_index={ignore_index}")
     lo, hi = torch.aminmax(pred) if pred.numel() else (0, 0)
     if lo < 0 or hi >= k:
