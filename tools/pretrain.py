@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detkit.config import ConfigError, load_config  # noqa: E402
+from detkit.cli import add_debug_flag, run_cli  # noqa: E402
+from detkit.config import load_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,29 +35,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="config overrides, e.g. train.max_iters=200 data.train.batch_size=32")
     parser.add_argument("--deterministic", action="store_true",
                         help="seed everything and use deterministic algorithms (slower)")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def pretrain_main(argv=None) -> int:
+    """Pre-train; raises on errors (``main`` reports them)."""
     args = parse_args(argv)
-    from detkit.data import ImageReadError
-    from detkit.engine import CheckpointError
-    from detkit.engine.dist import cleanup_distributed, get_rank
+    from detkit.engine.dist import cleanup_distributed
     from detkit.ssl import pretrain
 
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     try:
         cfg = load_config(args.config, args.overrides)
         pretrain(cfg, work_dir, resume=args.resume, deterministic=args.deterministic)
-    except (ConfigError, CheckpointError, ImageReadError) as e:
-        print(f"error (rank {get_rank()}): {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error (rank {get_rank()}): {e}", file=sys.stderr)
-        return 1
     finally:
         cleanup_distributed()
     return 0
+
+
+def main(argv=None) -> int:
+    """The exit code: 0 done, 2 bad input (one ``error:`` line), 1 training failure."""
+    return run_cli(pretrain_main, argv)
 
 
 if __name__ == "__main__":

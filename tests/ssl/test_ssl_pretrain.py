@@ -79,3 +79,19 @@ def test_every_pretrain_config_builds(path):
     assert method.backbone_type in ("ResNet", "Darknet53")
     views = build_views(cfg["data"]["train"]["dataset"]["views"])
     assert views.num_global >= 2
+
+
+def test_cli_names_an_unreadable_image_with_exit_code_2(tmp_path):
+    from detkit.config import dump_config
+
+    root = make_folder(tmp_path / "images", count=2)
+    (root / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"0" * 64)      # truncated JPEG
+    cfg = config(root, "SimCLR", iters=1, batch=3)
+    cfg["data"]["train"]["num_workers"] = 1                             # raised in a worker process
+    dump_config(cfg, tmp_path / "cfg.yaml")
+    proc = subprocess.run([sys.executable, str(REPO / "tools/pretrain.py"), str(tmp_path / "cfg.yaml"),
+                           "--work-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "\nerror: truncated JPEG file (no end-of-image marker): " in proc.stderr
+    assert proc.stderr.rstrip().endswith("cut.jpg")
