@@ -4,6 +4,7 @@
     python tools/eval.py CONFIG CHECKPOINT [--set key=value ...] [--out metrics.json] [--pr-curves DIR]
     torchrun --nproc-per-node 8 tools/eval.py CONFIG CHECKPOINT ...
     python tools/eval.py --coco-gt GT.json --coco-dt DT.json [--iou-type bbox|segm] [--out M.json]
+                         [--backend faster|pycocotools]
     python tools/eval.py --seg-gt DIR --seg-pred DIR --num-classes N [--ignore-index 255] [--out M.json]
 
 With a config, the model is evaluated on the config's ``data.val`` split with its ``evaluation``
@@ -40,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coco-gt", help="COCO annotation json (file mode)")
     p.add_argument("--coco-dt", help="COCO results json: a list of detections (file mode)")
     p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
+    p.add_argument("--backend", choices=("faster", "pycocotools"),
+                   help="COCO evaluation engine (default: the config's evaluation.backend, else faster: "
+                        "faster-coco-eval, same numbers as pycocotools)")
     p.add_argument("--seg-gt", help="folder of ground-truth mask PNGs (file mode)")
     p.add_argument("--seg-pred", help="folder of predicted mask PNGs, same file names")
     p.add_argument("--num-classes", type=int, help="number of classes of the masks (with --seg-gt)")
@@ -73,6 +77,8 @@ def evaluate_model(args) -> tuple[dict, str]:
     cfg = load_config(args.config, args.overrides)
     if args.pr_curves and cfg.get("evaluation", {}).get("type") in ("COCOEvaluator", "VOCEvaluator"):
         cfg["evaluation"]["pr_curve_dir"] = args.pr_curves
+    if args.backend and cfg.get("evaluation", {}).get("type") == "COCOEvaluator":
+        cfg["evaluation"]["backend"] = args.backend
     built = build_val(cfg)
     if built is None:
         raise ConfigError(f"{args.config}: needs data.val and evaluation sections to evaluate")
@@ -139,7 +145,8 @@ def eval_main(argv=None) -> int:
             metrics, report = evaluate_model(args)
             out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "metrics.json"
         elif args.coco_gt:
-            metrics, report = evaluate_coco_files(args.coco_gt, args.coco_dt, args.iou_type)
+            metrics, report = evaluate_coco_files(args.coco_gt, args.coco_dt, args.iou_type,
+                                                  backend=args.backend or "faster")
             out = Path(args.out) if args.out else None
         else:
             metrics, report = evaluate_seg_dirs(args)
