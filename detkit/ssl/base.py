@@ -37,6 +37,7 @@ class SSLMethod(nn.Module):
 
     export_prefix = ""
     export_name = ""
+    min_global_views = 2  # views of the largest size per image (DINO: 1, with local views)
     pixel_mean: Tensor   # Float[1,3,1,1]
     pixel_std: Tensor
 
@@ -79,9 +80,10 @@ class SSLMethod(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None) -> dict[str, Tensor]:
         global_views, local_views = self.split_views(images, targets)
-        if len(global_views) < 2 and not local_views:
-            raise ValueError(f"{type(self).__name__}: needs at least two views per image, got "
-                             f"{len(global_views)}; set count: 2 (or more) in the dataset's views")
+        if len(global_views) < self.min_global_views or len(global_views) + len(local_views) < 2:
+            raise ValueError(f"{type(self).__name__}: needs {self.min_global_views} or more global views "
+                             f"(views of the largest size) and two or more views in all per image, got "
+                             f"{len(global_views)} + {len(local_views)} local; raise count in the views")
         return self.compute(global_views, local_views)
 
     def compute(self, global_views: list[Tensor], local_views: list[Tensor]) -> dict[str, Tensor]:

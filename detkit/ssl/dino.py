@@ -35,6 +35,7 @@ class DINO(SSLMethod):
 
     export_prefix = "teacher.backbone."
     export_name = "teacher"
+    min_global_views = 1
     center: Tensor       # Float[1,D]
     progress: Tensor     # Float scalar
 

@@ -95,3 +95,16 @@ def test_cli_names_an_unreadable_image_with_exit_code_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "\nerror: truncated JPEG file (no end-of-image marker): " in proc.stderr
     assert proc.stderr.rstrip().endswith("cut.jpg")
+
+
+def test_too_few_global_views_is_a_clear_error():
+    from detkit.ssl import build_method
+
+    method = build_method({"type": "BYOL", "backbone": dict(TINY_DARKNET), "proj_hidden_dim": 8,
+                           "pred_hidden_dim": 8})
+    one_view = [torch.rand(1, 3, 32, 32) for _ in range(2)]
+    local = [{"local_views": torch.rand(2, 3, 16, 16)} for _ in range(2)]
+    with pytest.raises(ValueError, match="BYOL: needs 2 or more global views"):
+        method(one_view, local)
+    dino = build_method({"type": "DINO", "backbone": dict(TINY_DARKNET), "hidden_dim": 8, "out_dim": 16})
+    assert "loss_dino" in dino(one_view, local)          # one global view + local views is enough
