@@ -100,7 +100,7 @@ def build_val(cfg: dict, seed: int = 0):
     if data.get("val") is None or cfg.get("evaluation") is None:
         return None
     from ..data import build_dataloader, build_dataset
-    from ..evaluation import build_evaluator
+    from ..evaluation.build import build_evaluator
 
     dataset = build_dataset(data["val"], root=data.get("root"), path="data.val")
     loader = build_dataloader(data["val"], dataset, train=False, seed=seed)

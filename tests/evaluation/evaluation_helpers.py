@@ -125,9 +125,11 @@ def build_inputs():
     for img in sorted(GT):
         objs, mine = GT[img], [d for d in DETS if d[0] == img]
         voc.append(({"image_id": img, "boxes": torch.tensor([o[0] for o in objs], dtype=torch.float32),
-                     "labels": torch.tensor([o[1] for o in objs]), "difficult": torch.tensor([o[2] for o in objs])},
+                     "labels": torch.tensor([o[1] for o in objs]),
+                     "difficult": torch.tensor([o[2] for o in objs])},
                     {"boxes": torch.tensor([d[3] for d in mine], dtype=torch.float32).reshape(-1, 4),
-                     "scores": torch.tensor([d[2] for d in mine]), "labels": torch.tensor([d[1] for d in mine])}))
+                     "scores": torch.tensor([d[2] for d in mine]),
+                     "labels": torch.tensor([d[1] for d in mine])}))
     preds, gts = random_masks(5, 2)
     seg = [({"image_id": i, "sem_seg": torch.from_numpy(g)}, {"sem_seg": torch.from_numpy(p)})
            for i, (p, g) in enumerate(zip(preds, gts))]
@@ -158,7 +160,8 @@ def worker(rank, world, init_file, out_dir):
     try:
         gt, coco_preds, voc, seg = build_inputs()
         coco_items = [({"image_id": k}, v) for k, v in sorted(coco_preds.items())]
-        result = evaluate_all(shard(coco_items, rank, world), shard(voc, rank, world), shard(seg, rank, world), gt)
+        result = evaluate_all(shard(coco_items, rank, world), shard(voc, rank, world),
+                              shard(seg, rank, world), gt)
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
     finally:

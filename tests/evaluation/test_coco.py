@@ -9,12 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from evaluation_helpers import LABEL_TO_CAT, NAMES, direct_results, make_coco, make_gt, make_predictions
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from detkit.evaluation import COCOEvaluator, build_evaluator, evaluate_coco_files
 from detkit.registry import ConfigError
+
+from evaluation_helpers import LABEL_TO_CAT, NAMES, direct_results, make_coco, make_gt, make_predictions
 
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
@@ -72,7 +73,8 @@ def test_perfect_predictions_give_ap_one():
 
 def test_no_predictions_gives_zero_without_crash():
     gt = make_gt()
-    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+             "labels": torch.zeros(0, dtype=torch.int64)}
     ev = COCOEvaluator(ann_file=make_coco(gt), label_to_cat_id=LABEL_TO_CAT)
     metrics = run_evaluator(ev, {img["id"]: empty for img in gt["images"]})
     assert metrics["bbox/AP"] == 0.0 and metrics["bbox/AR100"] == 0.0

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from evaluation_helpers import LABEL_TO_CAT, direct_results, make_coco, make_gt, make_predictions
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
@@ -24,6 +23,8 @@ from detkit.evaluation import (
 from detkit.evaluation.coco_backends import run_cocoeval
 from detkit.evaluation.synthetic import results_to_predictions, synthetic_coco
 from detkit.registry import ConfigError
+
+from evaluation_helpers import LABEL_TO_CAT, direct_results, make_coco, make_gt, make_predictions
 
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 

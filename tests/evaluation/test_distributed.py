@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 import torch.multiprocessing as mp
+
 from evaluation_helpers import build_inputs, evaluate_all, worker
 
 

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from evaluation_helpers import K, random_masks
 
 from detkit.evaluation import SegEvaluator, build_evaluator, confusion_matrix
 from detkit.evaluation.segmentation import sem_seg_to_original
+
+from evaluation_helpers import K, random_masks
 
 
 def numpy_reference(preds, gts, k=K, ignore=255):
@@ -31,7 +32,8 @@ def numpy_reference(preds, gts, k=K, ignore=255):
 def run(evaluator, preds, gts):
     evaluator.reset()
     for i, (p, g) in enumerate(zip(preds, gts)):
-        evaluator.process([{"image_id": i, "sem_seg": torch.from_numpy(g)}], [{"sem_seg": torch.from_numpy(p)}])
+        evaluator.process([{"image_id": i, "sem_seg": torch.from_numpy(g)}],
+                          [{"sem_seg": torch.from_numpy(p)}])
     return evaluator.evaluate()
 
 
@@ -102,7 +104,8 @@ def test_resized_target_is_mapped_back_to_original():
     # the pipeline doubled the image and letterboxed it with 1 pixel at the top
     transformed = torch.full((5, 4), 255)
     transformed[1:, :] = orig.repeat_interleave(2, 0).repeat_interleave(2, 1)
-    meta = {"orig_size": torch.tensor([2, 2]), "scale": torch.tensor([2.0, 2.0]), "offset": torch.tensor([0.0, 1.0])}
+    meta = {"orig_size": torch.tensor([2, 2]), "scale": torch.tensor([2.0, 2.0]),
+            "offset": torch.tensor([0.0, 1.0])}
     assert torch.equal(sem_seg_to_original(transformed, meta), orig)
     ev = SegEvaluator(num_classes=K)
     ev.process([dict(meta, sem_seg=transformed)], [{"sem_seg": orig}])
