@@ -271,3 +271,41 @@ def test_every_detector_family_runs_sliced(config):
     assert len(boxes) > 0 and result["image_size"] == (150, 200)
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 200).all() and (boxes[:, 3] <= 150).all()
     assert (result["scores"][:-1] >= result["scores"][1:]).all()        # merged, best first
+
+
+def test_weighted_boxes_fusion_equals_its_per_pair_definition():
+    """WBF compares each box with all clusters at once (sliced inference merges thousands of
+    boxes); the result must be that of the plain loop over clusters in its docstring."""
+    from torchvision.ops import box_iou
+
+    from detkit.models.multiscale import weighted_boxes_fusion
+
+    def reference(boxes, scores, labels, iou_thr, num_views):
+        fused, members, cluster_labels = [], [], []
+        for idx in torch.argsort(scores, descending=True).tolist():
+            best, best_iou = -1, iou_thr
+            for c, box in enumerate(fused):
+                iou = box_iou(box[None], boxes[idx][None])[0, 0].item()
+                if cluster_labels[c] == int(labels[idx]) and iou > best_iou:
+                    best, best_iou = c, iou
+            if best < 0:
+                fused.append(boxes[idx].clone())
+                members.append([idx])
+                cluster_labels.append(int(labels[idx]))
+            else:
+                members[best].append(idx)
+                w = scores[members[best]]
+                fused[best] = (boxes[members[best]] * w[:, None]).sum(0) / w.sum()
+        out_scores = torch.stack([scores[m].mean() * min(len(m), num_views) / num_views for m in members])
+        return torch.stack(fused), out_scores, torch.tensor(cluster_labels)
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(150, 2, generator=g) * 120
+    boxes = torch.cat([xy, xy + torch.rand(150, 2, generator=g) * 30 + 5], 1)
+    scores, labels = torch.rand(150, generator=g), torch.randint(0, 3, (150,), generator=g)
+    for iou_thr, num_views in ((0.3, 2), (0.55, 1)):
+        got = weighted_boxes_fusion(boxes, scores, labels, iou_thr=iou_thr, num_views=num_views)
+        want = reference(boxes, scores, labels, iou_thr, num_views)
+        assert len(got[0]) < 150
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)

@@ -104,32 +104,29 @@ def weighted_boxes_fusion(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_
     score-weighted mean of its members; its score is their mean score times
     ``min(members, num_views) / num_views``, so a box that only one view found is down-weighted.
     """
-    order = torch.argsort(scores, descending=True)
-    fused_boxes: list[Tensor] = []
+    # One IoU row against all clusters per box (not a Python loop over clusters): sliced inference
+    # merges thousands of boxes. argmax returns the first maximum, the loop's tie-break.
+    fused = boxes.new_zeros(len(boxes), 4)             # rows [:len(members)] are the clusters
+    cluster_labels = labels.new_zeros(len(boxes))
     members: list[list[int]] = []
-    cluster_labels: list[int] = []
-    for idx in order.tolist():
-        label = int(labels[idx])
-        best, best_iou = -1, iou_thr
-        for c, fused in enumerate(fused_boxes):
-            if cluster_labels[c] != label:
-                continue
-            iou = box_iou(fused[None], boxes[idx][None])[0, 0].item()
-            if iou > best_iou:
-                best, best_iou = c, iou
+    for idx in torch.argsort(scores, descending=True).tolist():
+        n, best = len(members), -1
+        if n:
+            ious = box_iou(boxes[idx][None], fused[:n])[0]
+            ious[cluster_labels[:n] != labels[idx]] = -1.0
+            top = int(torch.argmax(ious))
+            best = top if float(ious[top]) > iou_thr else -1
         if best < 0:
-            fused_boxes.append(boxes[idx].clone())
+            fused[n], cluster_labels[n] = boxes[idx], labels[idx]
             members.append([idx])
-            cluster_labels.append(label)
         else:
             members[best].append(idx)
             w = scores[members[best]]
-            fused_boxes[best] = (boxes[members[best]] * w[:, None]).sum(0) / w.sum()
-    if not fused_boxes:
+            fused[best] = (boxes[members[best]] * w[:, None]).sum(0) / w.sum()
+    if not members:
         return boxes.new_zeros(0, 4), scores.new_zeros(0), labels.new_zeros(0)
     out_scores = torch.stack([scores[m].mean() * min(len(m), num_views) / num_views for m in members])
-    return torch.stack(fused_boxes), out_scores, torch.tensor(cluster_labels, dtype=labels.dtype,
-                                                              device=labels.device)
+    return fused[:len(members)], out_scores, cluster_labels[:len(members)]
 
 
 class TestTimeAug:
