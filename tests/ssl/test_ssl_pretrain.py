@@ -58,6 +58,7 @@ def test_other_methods_train_and_log_feature_std(tmp_path, name):
     assert 0.0 < records[-1]["feature_std"] < 2.0
 
 
+@pytest.mark.slow
 def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):
     cfg = REPO / "configs/pretrain/byol_r18_shapes.yaml"
     proc = subprocess.run([sys.executable, str(REPO / "tools/pretrain.py"), str(cfg), "--work-dir",
@@ -81,6 +82,7 @@ def test_every_pretrain_config_builds(path):
     assert views.num_global >= 2
 
 
+@pytest.mark.slow
 def test_cli_names_an_unreadable_image_with_exit_code_2(tmp_path):
     from detkit.config import dump_config
 
