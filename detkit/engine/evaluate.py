@@ -87,10 +87,10 @@ def inference_on_loader(model: nn.Module, loader, evaluator, device: torch.devic
     total = time.perf_counter() - start
     if main:
         (log or _stderr_line)(
-            f"evaluation: {images_seen} images on rank 0 in {total:.1f} s "
-            f"({images_seen / max(total, 1e-9):.1f} images/s); model {seconds['model']:.1f} s, "
-            f"metric {seconds['process'] + evaluate_s:.1f} s (process {seconds['process']:.1f} s + "
-            f"evaluate {evaluate_s:.1f} s), data loading {seconds['data']:.1f} s")
+            f"evaluation: {images_seen} images on rank 0 in {total:.2f} s "
+            f"({images_seen / max(total, 1e-9):.1f} images/s); model {seconds['model']:.2f} s, "
+            f"metric {seconds['process'] + evaluate_s:.2f} s (process {seconds['process']:.2f} s + "
+            f"evaluate {evaluate_s:.2f} s), data loading {seconds['data']:.2f} s")
     return results
 
 
