@@ -19,7 +19,7 @@ from detkit.models import build_model
 # (H, W): padded to multiples of 32 whose P6 grids (ceil(ceil(x / 32) / 2)) are rounded up
 SIZES = [(200, 301), (257, 190), (224, 350)]
 R50_FPN = {"type": "TwoStageDetector", "num_classes": 90,
-           "backbone": {"type": "ResNet", "depth": 50, "norm": "FrozenBN", "frozen_stages": 1},
+           "backbone": {"type": "ResNet", "depth": 50, "norm": "BN"},  # BN in eval mode, as torchvision's
            "neck": {"type": "FPN", "out_channels": 256, "extra_levels": "maxpool"},
            "rpn": {"type": "RPNHead"}, "roi_head": {"type": "RoIHead", "score_thresh": 0.05}}
 
