@@ -116,16 +116,26 @@ def pool_rois(pooler: Any, features: dict[str, Tensor], rois: Tensor, hw: Tensor
     return out
 
 
+def _channel_groups(maps: Tensor, k: int) -> Tensor:
+    """Float[B, O*k*k, H, W] -> Float[B*k*k, O, H, W]: bin group (i, j) of image b at b*k*k + i*k + j
+    (input channel ``(o * k + i) * k + j`` is bin (i, j) of output channel o)."""
+    b, ch, h, w = maps.shape
+    return maps.reshape(b, ch // (k * k), k * k, h, w).transpose(1, 2).reshape(b * k * k, -1, h, w)
+
+
+def _bin_images(rois: Tensor, k: int) -> Tensor:
+    """Float[K,k*k]: the index of each RoI bin's channel group image (see ``_channel_groups``)."""
+    return rois[:, :1] * (k * k) + torch.arange(k * k, device=rois.device, dtype=rois.dtype)[None]
+
+
 def rfcn_vote(maps: Tensor, rois: Tensor, k: int, spatial_scale: float, sampling_ratio: int) -> Tensor:
     """``torchvision.ops.ps_roi_align`` averaged over the k x k bins, from ONNX ``RoiAlign``.
 
-    Float[B, O*k*k, H, W] maps, Float[K,5] rois -> Float[K, O]. Bin (i, j) of an RoI reads
-    channel ``(o * k + i) * k + j``; it equals a 1 x 1 RoIAlign (``aligned=True``, the same
-    -0.5 pixel shift and sampling grid) of the bin's own sub-box on that channel group. The
-    channel groups become k*k images of the batch, so one RoiAlign call pools every bin.
+    Float[B, O*k*k, H, W] maps, Float[K,5] rois -> Float[K, O]. Bin (i, j) of an RoI equals a
+    1 x 1 RoIAlign (``aligned=True``: the same -0.5 pixel shift and sampling grid) of the bin's
+    own sub-box on its channel group; the groups become images of the batch, so one RoiAlign
+    call pools every bin.
     """
-    b, ch, h, w = maps.shape
-    groups = maps.reshape(b, ch // (k * k), k * k, h, w).transpose(1, 2).reshape(b * k * k, -1, h, w)
     x1, y1, x2, y2 = rois[:, 1:2], rois[:, 2:3], rois[:, 3:4], rois[:, 4:5]
     steps = torch.arange(k, device=rois.device, dtype=rois.dtype)[None]
     bw, bh = (x2 - x1) / k, (y2 - y1) / k
@@ -133,9 +143,8 @@ def rfcn_vote(maps: Tensor, rois: Tensor, k: int, spatial_scale: float, sampling
     sub = torch.stack([xs[:, None, :].expand(-1, k, -1), ys[:, :, None].expand(-1, -1, k),
                        (xs + bw)[:, None, :].expand(-1, k, -1), (ys + bh)[:, :, None].expand(-1, -1, k)],
                       dim=-1).reshape(-1, k * k, 4)                                 # bin i*k+j
-    image = rois[:, :1] * (k * k) + torch.arange(k * k, device=rois.device, dtype=rois.dtype)[None]
-    sub_rois = torch.cat([image[..., None], sub], dim=-1).reshape(-1, 5)
-    pooled = roi_align(groups, sub_rois, 1, spatial_scale, sampling_ratio, aligned=True)
+    sub_rois = torch.cat([_bin_images(rois, k)[..., None], sub], dim=-1).reshape(-1, 5)
+    pooled = roi_align(_channel_groups(maps, k), sub_rois, 1, spatial_scale, sampling_ratio, aligned=True)
     return pooled.reshape(rois.shape[0], k * k, -1).mean(dim=1)
 
 
@@ -143,14 +152,17 @@ def roi_outputs(roi_head: Any, features: dict[str, Tensor], rois: Tensor, hw: Te
                 ) -> tuple[Tensor, Tensor]:
     """(class_logits Float[K,C+1], box_deltas Float[K,C*4 or 4]) of ``RoIHead`` / ``RFCNHead``."""
     from ..models.heads.rfcn_head import RFCNHead
+    from ..models.ps_roi_pool import ps_roi_avg_pool
 
     if isinstance(roi_head, RFCNHead):
-        if not roi_head.align:
-            raise TypeError("RFCNHead with align: false (PS-RoI pooling) has no ONNX form in "
-                            "detkit; export a model trained with align: true")
         x = F.relu(roi_head.reduce(features[roi_head.in_feature]))
-        args = (roi_head.group_size, 1.0 / roi_head.stride, roi_head.sampling_ratio)
-        return rfcn_vote(roi_head.cls_maps(x), rois, *args), rfcn_vote(roi_head.box_maps(x), rois, *args)
+        k, scale = roi_head.group_size, 1.0 / roi_head.stride
+        if roi_head.align:
+            return (rfcn_vote(roi_head.cls_maps(x), rois, k, scale, roi_head.sampling_ratio),
+                    rfcn_vote(roi_head.box_maps(x), rois, k, scale, roi_head.sampling_ratio))
+        # the head's own pooling (a summed-area table in plain tensor ops) exports as it is
+        return (ps_roi_avg_pool(roi_head.cls_maps(x), rois, k, scale).mean(dim=(2, 3)),
+                ps_roi_avg_pool(roi_head.box_maps(x), rois, k, scale).mean(dim=(2, 3)))
     maps = {f: features[f] for f in roi_head.in_features}
     x = roi_head.box_head(pool_rois(roi_head.pooler, maps, rois, hw))
     return roi_head.cls_score(x), roi_head.bbox_pred(x)

@@ -39,8 +39,12 @@ SLOW_FAMILIES = {
                                    "model.rpn.pre_nms_topk_test=300", "model.rpn.post_nms_topk_test=100")),
     "faster_rcnn_dc5": ("configs/faster_rcnn/faster_rcnn_r50_dc5_coco.yaml",
                         R18_COCO + ("model.roi_head.box_head.fc_dim=64",)),
+    # PS-RoI *pooling* reads whole cells, so RoIs covering the same cells of the 8 x 8 map get
+    # exactly equal scores; with 300 proposals some tie, and which of two tied boxes NMS keeps is
+    # not defined (torch and onnxruntime sort ties differently): 50 proposals avoid ties here
     "rfcn_pool": ("configs/rfcn/rfcn_r50_coco.yaml",
-                  R18_COCO + ("model.roi_head.reduced_channels=64", "model.roi_head.group_size=3")),
+                  R18_COCO + ("model.roi_head.reduced_channels=64", "model.roi_head.group_size=3",
+                              "model.rpn.post_nms_topk_test=50")),
     "deeplabv3": ("configs/segmentation/deeplabv3_r50_d8_voc.yaml",
                   ("model.backbone.weights=null", "model.backbone.depth=18",
                    "model.head.channels=32", "model.head.norm=BN")),
