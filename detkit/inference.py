@@ -9,7 +9,7 @@
 Each result is a dict with ``boxes`` Float[K,4] xyxy in *original-image* pixels (after EXIF
 orientation, i.e. as the image is displayed), ``scores`` Float[K], ``labels`` Int64[K] in
 0..C-1, ``label_names`` list[str] of length K and ``image_size`` (H0, W0); a segmentor adds
-``sem_seg`` Int64[H0,W0]. Tensors are on the CPU.
+``sem_seg`` Int64[H0,W0], Mask R-CNN ``masks`` Bool[K,H0,W0]. Tensors are on the CPU.
 
 Class names are looked up in this order (first hit wins), so inference works on a machine that
 has the checkpoint but not the training data:
@@ -91,11 +91,13 @@ def apply_checkpoint(model: nn.Module, ckpt: dict, path: str | os.PathLike) -> d
     if TORCHVISION_KEY in state and TORCHVISION_KEY not in own:
         from .models.convert import load_torchvision_weights
 
+        masks = "roi_heads.mask_predictor.mask_fcn_logits.weight" in state
         try:
-            load_torchvision_weights(model, state)
+            load_torchvision_weights(model, state, arch="maskrcnn_resnet50_fpn" if masks
+                                     else "fasterrcnn_resnet50_fpn")
         except (ValueError, KeyError, AttributeError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: a torchvision Faster R-CNN state dict that does not "
-                                  f"convert to this model: {e}") from None
+            raise CheckpointError(f"{path}: a torchvision {'Mask' if masks else 'Faster'} R-CNN state "
+                                  f"dict that does not convert to this model: {e}") from None
     elif not set(state) & set(own):
         sample = ", ".join(list(state)[:4])
         raise CheckpointError(f"{path}: refused: none of its {len(state)} keys (e.g. {sample}) "
@@ -244,19 +246,35 @@ class Predictor:
         slice_overlap: fraction of ``slice_size`` by which neighbouring tiles overlap.
         slice_merge: ``"nms"`` or ``"wbf"``: how tile (and full-image) boxes are merged.
         full_image: with slicing, also predict the whole image and merge it in.
+        backend: ``"pytorch"`` for a checkpoint; for an exported ``.onnx`` file (tools/export.py)
+            ``"onnxruntime"`` (default) or ``"openvino"``: no PyTorch model is built, the same
+            pipeline and mapping back run around the runtime (``detkit.deploy.runtime``); the
+            config may then be None (the one stored at export is used).
+        threads: intra-op threads of an ONNX Runtime / OpenVINO backend (None: its default).
     """
 
     def __init__(self, config: str | os.PathLike | dict | None, checkpoint: str | os.PathLike | None,
                  *, device: str | torch.device = "cpu", score_thr: float = 0.3, amp: bool = False,
                  batch_size: int = 4, class_names: Sequence[str] | None = None,
                  slice_size: int | None = None, slice_overlap: float = 0.2, slice_merge: str = "nms",
-                 full_image: bool = True):
+                 full_image: bool = True, backend: str | None = None, threads: int | None = None):
+        from .deploy.runtime import BACKENDS, is_exported
         from .models import build_model
         from .slicing import SlicedInference
 
         self.slicer = None if slice_size is None else SlicedInference(
             slice_size=slice_size, overlap=slice_overlap, merge=slice_merge, full_image=full_image)
 
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+        self.backend = backend or ("onnxruntime" if is_exported(checkpoint) else "pytorch")
+        if is_exported(checkpoint) == (self.backend == "pytorch"):
+            raise ValueError(f"backend '{self.backend}' cannot run {checkpoint}: the PyTorch backend "
+                             f"takes a checkpoint, onnxruntime / openvino an exported .onnx file")
+        if self.backend != "pytorch":
+            self._init_deployed(config, checkpoint, device=str(device), threads=threads,
+                                score_thr=score_thr, batch_size=batch_size, class_names=class_names)
+            return
         ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
         self.cfg = _resolve_config(config, ckpt, checkpoint)
         self.device = _check_device(device)
@@ -275,6 +293,25 @@ class Predictor:
         num_classes = get_path(self.cfg, "model.num_classes", None)
         self.class_names, self.label_to_cat_id, self.class_names_source = resolve_class_names(
             self.cfg, meta, num_classes, class_names)
+        self.pipeline = InferencePipeline(self.cfg)
+
+    def _init_deployed(self, config, path, *, device: str, threads: int | None, score_thr: float,
+                       batch_size: int, class_names: Sequence[str] | None) -> None:
+        """The exported-model backend: a ``DeployedModel`` in place of the detector."""
+        from .deploy.runtime import DeployedModel
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = DeployedModel(path, backend=self.backend, device=device, threads=threads)
+        stored = self.model.stored_config()
+        if config is None and stored is None:
+            raise ConfigError(f"Predictor: no config given and {path}.json does not hold one")
+        self.cfg = _resolve_config(config, None, path) if config is not None else stored
+        self.device = torch.device("cpu")          # results come back as CPU tensors
+        self.score_thr, self.amp, self.batch_size = float(score_thr), False, int(batch_size)
+        meta = {"class_names": self.model.info.get("class_names") or None}
+        self.class_names, self.label_to_cat_id, self.class_names_source = resolve_class_names(
+            self.cfg, meta, get_path(self.cfg, "model.num_classes", None), class_names)
         self.pipeline = InferencePipeline(self.cfg)
 
     def __call__(self, inputs, batch_size: int | None = None):
@@ -321,6 +358,8 @@ class Predictor:
             labels = out["labels"].long().cpu()[keep]
             result.update(boxes=out["boxes"].float().cpu()[keep], scores=scores[keep], labels=labels,
                           label_names=[self._name(int(i)) for i in labels])
+            if out.get("masks") is not None:   # Mask R-CNN: Bool[K,H0,W0], already in original pixels
+                result["masks"] = out["masks"].cpu()[keep]
         if out.get("sem_seg") is not None:
             from .evaluation.segmentation import sem_seg_to_original
 

@@ -4,13 +4,19 @@
     python tools/infer.py CONFIG CHECKPOINT INPUT [INPUT ...] --out DIR
         [--score-thr 0.3] [--batch-size 4] [--device cpu|cuda] [--amp] [--coco-gt ANN.json]
         [--no-draw] [--slice S [--slice-overlap F] [--slice-merge nms|wbf] [--no-full-image]]
-        [--set key=value ...]
+        [--backend pytorch|onnxruntime|openvino] [--threads N] [--set key=value ...]
+
+CHECKPOINT may also be a model exported by ``tools/export.py`` (``model.onnx``): it then runs with
+ONNX Runtime alone (``--backend openvino`` for OpenVINO), no PyTorch model is built, and the
+pre-processing, mapping back and outputs are the same as with the checkpoint; ``--device cuda``
+uses ONNX Runtime's CUDA provider when installed (else the CPU, with a warning).
 
 INPUT is an image file, a folder (searched recursively for image extensions), a glob such as
 ``"photos/**/*.jpg"`` (quote it), or a video file (an annotated copy is written). Writes to
 ``--out``: one annotated image per input (same relative path as under its folder), for
 segmentors the class map as ``masks/<name>.png``, and ``predictions.json``: a COCO results list
 ``[{image_id, file_name, path, category_id, category_name, bbox: [x, y, w, h], score}, ...]``
+(Mask R-CNN adds ``segmentation``, the instance mask as a COCO compressed RLE; drawn masks too)
 in original-image pixels (``file_name`` relative to its input folder, ``path`` as found; video
 detections also carry ``frame``). With ``--coco-gt`` the image ids
 and category ids are those of that annotation file (matched by file name), so the json can be
@@ -146,12 +152,15 @@ class ResultWriter:
         xyxy = result["boxes"].float().reshape(-1, 4)
         # xywh computed in float32 exactly as COCOEvaluator does, so both score identically.
         xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1)
-        for box, score, label in zip(xywh.tolist(), result["scores"].float().tolist(),
-                                     result["labels"].tolist()):
+        rles = _rles(result["masks"]) if result.get("masks") is not None else None
+        for i, (box, score, label) in enumerate(zip(xywh.tolist(), result["scores"].float().tolist(),
+                                                    result["labels"].tolist())):
             rec = {"image_id": image_id, "file_name": item.name, "path": str(item.path),
                    "category_id": self.cat_ids[label] if self.cat_ids else label,
                    "category_name": names[label] if label < len(names) else str(label),
                    "bbox": box, "score": score}
+            if rles is not None:
+                rec["segmentation"] = rles[i]
             if frame is not None:
                 rec["frame"] = frame
             self.records.append(rec)
@@ -179,6 +188,16 @@ class ResultWriter:
         path = self.out_dir / "predictions.json"
         path.write_text(json.dumps(self.records), encoding="utf-8")
         return path
+
+
+def _rles(masks: torch.Tensor) -> list[dict]:
+    """Bool[K,H,W] instance masks -> COCO compressed RLEs (``counts`` as str, for json)."""
+    from pycocotools import mask as mask_utils
+
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
 def run_images(items, names, predictor: Predictor, writer: ResultWriter, batch_size: int,
@@ -273,6 +292,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="merge tile boxes by NMS or weighted boxes fusion (default nms)")
     parser.add_argument("--no-full-image", action="store_true",
                         help="with --slice: skip the extra pass over the whole image")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "openvino"),
+                        help="default: pytorch for a checkpoint, onnxruntime for an exported .onnx")
+    parser.add_argument("--threads", type=int, help="threads of an onnxruntime / openvino backend")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides (put it last)")
     add_debug_flag(parser)
@@ -293,7 +315,8 @@ def infer_main(argv=None) -> int:
         predictor = Predictor(cfg, args.checkpoint, device=args.device, score_thr=args.score_thr,
                               amp=args.amp, batch_size=args.batch_size, slice_size=args.slice,
                               slice_overlap=args.slice_overlap, slice_merge=args.slice_merge,
-                              full_image=not args.no_full_image)
+                              full_image=not args.no_full_image, backend=args.backend,
+                              threads=args.threads)
     except (ValueError, OSError) as e:   # the config / checkpoint / device the user named
         if isinstance(e, DetkitError):
             raise
