@@ -251,13 +251,16 @@ class Predictor:
             pipeline and mapping back run around the runtime (``detkit.deploy.runtime``); the
             config may then be None (the one stored at export is used).
         threads: intra-op threads of an ONNX Runtime / OpenVINO backend (None: its default).
+        fold_bn, channels_last, compile: PyTorch speed options (``detkit.deploy.optimize``):
+            BatchNorm folded into the convs, NHWC weights, ``torch.compile`` of backbone + neck.
     """
 
     def __init__(self, config: str | os.PathLike | dict | None, checkpoint: str | os.PathLike | None,
                  *, device: str | torch.device = "cpu", score_thr: float = 0.3, amp: bool = False,
                  batch_size: int = 4, class_names: Sequence[str] | None = None,
                  slice_size: int | None = None, slice_overlap: float = 0.2, slice_merge: str = "nms",
-                 full_image: bool = True, backend: str | None = None, threads: int | None = None):
+                 full_image: bool = True, backend: str | None = None, threads: int | None = None,
+                 fold_bn: bool = False, channels_last: bool = False, compile: bool = False):
         from .deploy.runtime import BACKENDS, is_exported
         from .models import build_model
         from .slicing import SlicedInference
@@ -290,6 +293,11 @@ class Predictor:
         else:
             warnings.warn("Predictor: no checkpoint given, the model has random weights", stacklevel=2)
         self.model.eval().to(self.device)
+        if fold_bn or channels_last or compile:
+            from .deploy.optimize import apply_inference_options
+
+            apply_inference_options(self.model, fold_bn=fold_bn, channels_last=channels_last,
+                                    compile=compile)
         num_classes = get_path(self.cfg, "model.num_classes", None)
         self.class_names, self.label_to_cat_id, self.class_names_source = resolve_class_names(
             self.cfg, meta, num_classes, class_names)
