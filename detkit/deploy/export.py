@@ -6,7 +6,10 @@ inference, decode and NMS included (legend and padding rules: ``detkit.deploy.po
 
 * detectors: ``boxes`` Float[B,K,4] xyxy input pixels, ``scores`` Float[B,K], ``labels``
   Int64[B,K] (-1 on padding rows), ``num_detections`` Int64[B];
-* segmentors: ``sem_seg`` Int64[B,H,W].
+* segmentors: ``sem_seg`` Int64[B,H,W];
+* Mask R-CNN adds ``mask_probs`` Float[B,K,28,28]: each detection's mask probabilities (of its
+  class) over its box, to paste with ``detkit.models.mask_paste.paste_masks`` at the boxes once
+  they are mapped to the original image (as ``DeployedModel`` does).
 
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. The dynamo exporter
 needs every data-dependent size (NMS output, score threshold) declared as an unbacked symbol with
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from .ops import image_hw
 from .postprocess import OUTPUT_NAMES, finalize, one_stage_candidates
-from .two_stage import roi_head_candidates, rpn_proposals
+from .two_stage import mask_probabilities, roi_head_candidates, rpn_proposals
 
 __all__ = ["ExportError", "exportable", "export_onnx", "check_exportable", "SEG_OUTPUT_NAMES"]
 
@@ -77,13 +80,22 @@ class OneStageExport(_Exportable):
 
 
 class TwoStageExport(_Exportable):
-    """TwoStageDetector: RPN -> RoIHead (RoIAlign / SPP pooling) or RFCNHead."""
+    """TwoStageDetector: RPN -> RoIHead (RoIAlign / SPP pooling) or RFCNHead [-> MaskRoIHead:
+    a fifth output ``mask_probs`` Float[B,K,M,M], pasted at the boxes outside the graph]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        if getattr(model, "mask_head", None) is not None:
+            self.output_names = OUTPUT_NAMES + ("mask_probs",)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         m, hw, n = self.model, image_hw(images), images.shape[0]
         features = self.features(images)
         proposals, ok = rpn_proposals(m.rpn, features, hw, n)
-        return roi_head_candidates(m.roi_head, features, proposals, ok, hw, n)
+        outputs = roi_head_candidates(m.roi_head, features, proposals, ok, hw, n)
+        if getattr(m, "mask_head", None) is None:
+            return outputs
+        return (*outputs, mask_probabilities(m.mask_head, features, outputs[0], outputs[2], hw))
 
 
 class SegmentorExport(_Exportable):

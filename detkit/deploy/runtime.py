@@ -122,7 +122,15 @@ class DeployedModel:
                                  boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
             result = {"boxes": boxes, "scores": torch.from_numpy(outputs["scores"][i, :n]).float(),
                       "labels": torch.from_numpy(outputs["labels"][i, :n]).long()}
-            results.append(Detector.map_to_original(result, metas[i]) if metas is not None else result)
+            result = Detector.map_to_original(result, metas[i]) if metas is not None else result
+            if "mask_probs" in outputs:   # Mask R-CNN: paste at the final boxes, as the PyTorch path
+                from ..models.mask_paste import paste_masks
+
+                orig = metas[i].get("orig_size") if metas is not None else None
+                size = (int(orig[0]), int(orig[1])) if orig is not None else (h, w)
+                probs = torch.from_numpy(outputs["mask_probs"][i, :n]).float()
+                result["masks"] = paste_masks(probs, result["boxes"], size)
+            results.append(result)
         return results
 
     def __repr__(self) -> str:

@@ -23,7 +23,8 @@ from ..models.anchors import grid_anchors
 from .ops import INVALID_SCORE, clip_boxes, dynamic_min, gather_padded, grouped_nms, top_per_image
 from .postprocess import Candidates, pack
 
-__all__ = ["rpn_proposals", "pool_rois", "roi_head_candidates", "rfcn_vote", "group_candidates"]
+__all__ = ["rpn_proposals", "pool_rois", "roi_head_candidates", "rfcn_vote", "group_candidates",
+           "mask_probabilities"]
 
 
 def rpn_anchors(rpn: Any, maps: list[Tensor]) -> Tensor:
@@ -197,3 +198,19 @@ def group_candidates(boxes: Tensor, scores: Tensor, valid: Tensor, iou: float, k
     labels = torch.arange(c, device=scores.device)[None, :, None].expand(b, c, p)
     flat = Candidates(group_boxes, group_scores.reshape(-1, p), labels.reshape(-1, p), valid, iou, k)
     return pack(group, cand, flat, num_images, p, image=group // c)
+
+
+def mask_probabilities(mask_head: Any, features: dict[str, Tensor], boxes: Tensor, labels: Tensor,
+                       hw: Tensor) -> Tensor:
+    """``MaskRoIHead`` forward + predict batched: Float[B,K,M,M] mask probabilities of the detected
+    class for the padded detections Float[B,K,4] / Int64[B,K] (padding rows: label -1, any values).
+    Pasting them into the image stays outside the graph (``detkit.models.mask_paste``)."""
+    b, k = boxes.shape[0], boxes.shape[1]
+    x = pool_rois(mask_head.pooler, {f: features[f] for f in mask_head.in_features}, to_rois(boxes), hw)
+    for conv in mask_head.convs:
+        x = F.relu(conv(x))
+    logits = mask_head.logits(F.relu(mask_head.deconv(x)))                            # [B*K,C,M,M]
+    if logits.shape[1] > 1:
+        index = labels.reshape(-1).clamp(min=0)[:, None, None, None].expand(-1, 1, *logits.shape[2:])
+        logits = logits.gather(1, index)
+    return logits.sigmoid().reshape(b, k, logits.shape[-2], logits.shape[-1])
