@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["class_color", "draw_boxes", "blend_sem_seg", "draw_result"]
+__all__ = ["class_color", "draw_boxes", "blend_sem_seg", "blend_instance_masks", "draw_result"]
 
 _GOLDEN = 0.618033988749895
 
@@ -119,10 +119,26 @@ def blend_sem_seg(image: np.ndarray, sem_seg, *, alpha: float = 0.5, ignore_inde
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def blend_instance_masks(image: np.ndarray, masks, labels, *, alpha: float = 0.5) -> np.ndarray:
+    """Blend Bool[K,H,W] instance masks into the image in their class colours (later masks on
+    top), each outlined so that touching instances of one class stay apart. Returns a new array."""
+    out = _check_image(image).astype(np.float32)
+    masks, labels = _as_numpy(masks).astype(bool), _as_numpy(labels).astype(np.int64).reshape(-1)
+    if masks.shape[1:] != out.shape[:2]:
+        raise ValueError(f"blend_instance_masks: mask size {masks.shape[1:]} != image size {out.shape[:2]}")
+    for mask, label in zip(masks, labels):
+        color = np.asarray(class_color(int(label)), np.float32)
+        out[mask] = (1.0 - alpha) * out[mask] + alpha * color
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, tuple(float(c) for c in color), 1)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def draw_result(image: np.ndarray, result: dict, class_names: Sequence[str] | None = None, *,
                 score_thr: float = 0.0, alpha: float = 0.5,
                 seg_skip_labels: Sequence[int] = ()) -> np.ndarray:
-    """Draw one prediction dict (``boxes``/``scores``/``labels`` and/or ``sem_seg``) on ``image``.
+    """Draw one prediction dict (``boxes``/``scores``/``labels``, Mask R-CNN's ``masks``, and/or
+    ``sem_seg``) on ``image``.
 
     The mask is blended first so that boxes and captions stay crisp on top of it; boxes scoring
     below ``score_thr`` are not drawn.
@@ -135,6 +151,8 @@ def draw_result(image: np.ndarray, result: dict, class_names: Sequence[str] | No
         keep = slice(None) if scores is None else _as_numpy(scores) >= score_thr
         boxes = _as_numpy(result["boxes"])[keep]
         labels = _as_numpy(result["labels"])[keep]
+        if result.get("masks") is not None:
+            out = blend_instance_masks(out, _as_numpy(result["masks"])[keep], labels, alpha=alpha)
         out = draw_boxes(out, boxes, labels, None if scores is None else _as_numpy(scores)[keep],
                          class_names)
     return out.copy() if out is image else out

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
@@ -67,3 +68,22 @@ def test_train_infer_eval_with_masks(tmp_path):
     records = json.loads((out / "predictions.json").read_text())
     assert records and all(mask_utils.decode(r["segmentation"]).shape == (64, 64) for r in records[:20])
     assert len(list(out.glob("*.png"))) == 6     # annotated images (masks blended in)
+
+
+def test_instance_masks_are_drawn_in_their_class_colours():
+    from detkit.visualize import blend_instance_masks, class_color, draw_result
+
+    image = np.full((40, 50, 3), 100, np.uint8)
+    masks = torch.zeros(2, 40, 50, dtype=torch.bool)
+    masks[0, 5:20, 5:25] = True
+    masks[1, 22:38, 30:48] = True
+    out = blend_instance_masks(image, masks, torch.tensor([0, 3]), alpha=0.5)
+    inside = np.round(0.5 * 100 + 0.5 * np.array(class_color(3))).astype(np.uint8)
+    assert (out[30, 40] == inside).all() and (out[0, 0] == 100).all()   # filled / untouched
+    assert not (out[22, 30] == inside).all()                              # the outline differs
+    drawn = draw_result(image, {"boxes": torch.tensor([[5.0, 5, 25, 20], [30, 22, 48, 38]]),
+                                "scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([0, 3]),
+                                "masks": masks}, score_thr=0.5)
+    assert (drawn[30, 40] == 100).all() and not (drawn[12, 15] == 100).all()  # low score: no mask
+    with pytest.raises(ValueError, match="mask size"):
+        blend_instance_masks(image, masks[:, :10], torch.tensor([0, 3]))
