@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import Tensor, nn
 
@@ -40,6 +40,13 @@ class TwoStageDetector(Detector):
     evaluation results also hold ``masks`` Bool[K,H,W]: in original-image pixels (H0 x W0) when
     metas are passed, else in the pixels of the input images.
     """
+
+    # The parts are used through their own methods (RPNHead.predict, RoIHead.sample_proposals ...).
+    backbone: Any
+    neck: Any
+    rpn: Any
+    roi_head: Any
+    mask_head: Any
 
     def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, rpn: nn.Module,
                  roi_head: nn.Module, mask_head: nn.Module | None = None, **kwargs):
