@@ -2,7 +2,7 @@
 """Self-supervised pre-training -> low-label detection fine-tuning on shapes (README table).
 
     python tools/benchmarks/self_supervised.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
-        [--pretrain-iters 200] [--pretrain-batch 32] [--finetune-iters 300]
+        [--pretrain-iters 150] [--pretrain-batch 32] [--finetune-iters 200]
         [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock]
 
 For each method: ``tools/pretrain.py configs/pretrain/<method>_r18_shapes.yaml`` at the given
@@ -158,9 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1])
-    p.add_argument("--pretrain-iters", type=int, default=200)
+    p.add_argument("--pretrain-iters", type=int, default=150)
     p.add_argument("--pretrain-batch", type=int, default=32)
-    p.add_argument("--finetune-iters", type=int, default=300)
+    p.add_argument("--finetune-iters", type=int, default=200)
     p.add_argument("--data-root", default="data/shapes")
     p.add_argument("--work-dir", type=Path, default=Path("work_dirs/ssl_bench"))
     p.add_argument("--lock", default=None, help="flock this file around every training run")
@@ -172,22 +172,31 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.work_dir = args.work_dir if args.work_dir.is_absolute() else REPO / args.work_dir
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    for fraction in args.fractions:      # results arrive in order: scratch, then method by method
-        finetune(args, "scratch", fraction, None)
-    weights = {}
-    for m in args.methods:
-        weights[m] = pretrain(args, m)
-        for fraction in args.fractions:
-            finetune(args, m, fraction, weights[m])
-    knn = None
-    if not args.skip_knn:
+    knn_file = args.work_dir / "knn.json"
+    knn = json.loads(knn_file.read_text()) if knn_file.is_file() else {}
+    crops = None
+
+    def check(init: str, weights: Path | None) -> None:
+        """k-NN accuracy of ``init``, saved as soon as it is known (a cut-short run keeps it)."""
+        nonlocal crops
+        if args.skip_knn or init in knn:
+            return
         import torch
 
         torch.set_num_threads(1)
-        crops = load_crops(str(REPO / args.data_root))
-        knn = {"scratch": knn_accuracy(None, crops)}
-        knn.update({m: knn_accuracy(weights[m], crops) for m in args.methods})
-        (args.work_dir / "knn.json").write_text(json.dumps(knn, indent=1))
+        crops = crops or load_crops(str(REPO / args.data_root))
+        knn[init] = knn_accuracy(weights, crops)
+        knn_file.write_text(json.dumps(knn, indent=1))
+
+    # Results arrive in order (scratch, then method by method) so a cut-short run still has a table.
+    check("scratch", None)
+    for fraction in args.fractions:
+        finetune(args, "scratch", fraction, None)
+    for m in args.methods:
+        weights = pretrain(args, m)
+        check(m, weights)
+        for fraction in args.fractions:
+            finetune(args, m, fraction, weights)
     print(table(args, args.methods, args.fractions, knn))
 
 
