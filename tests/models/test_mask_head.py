@@ -244,3 +244,12 @@ def test_empty_images_give_finite_losses_and_a_zero_mask_loss():
     losses = model([torch.rand(3, 64, 96)] * 2, [empty, empty])
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_mask"].item() == 0.0 and losses["loss_box"].item() == 0.0
+
+
+def test_no_detections_give_empty_masks_of_the_image_size():
+    torch.manual_seed(0)
+    model = build_model(dict(TINY, roi_head=dict(TINY["roi_head"], score_thresh=1.0))).eval()
+    with torch.no_grad():
+        results = model([torch.rand(3, 64, 96), torch.rand(3, 50, 70)],
+                        [{"orig_size": torch.tensor([128, 192])}, {}])
+    assert [tuple(r["masks"].shape) for r in results] == [(0, 128, 192), (0, 50, 70)]
