@@ -155,7 +155,7 @@ class SlicedInference:
                    disable=True if len(tiles) < self.progress_min_tiles else None)
         for start in range(0, len(tiles), batch_size):
             chunk = tiles[start:start + batch_size].tolist()
-            results = predict_batch([image[y0:y1, x0:x1] for x0, y0, x1, y1 in chunk])
+            results = predict_batch([np.ascontiguousarray(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in chunk])
             for tile, result in zip(chunk, results):
                 _check_boxes(result)
                 boxes = result["boxes"] + result["boxes"].new_tensor([tile[0], tile[1]] * 2)
