@@ -25,11 +25,11 @@ FAMILIES = {
     "centernet": ("configs/centernet/centernet_r18_shapes.yaml", ()),
     "centernet_flip": ("configs/centernet/centernet_r18_shapes.yaml", ("model.flip_test=true",)),
     "faster_rcnn_fpn": ("configs/faster_rcnn/faster_rcnn_r18_fpn_shapes.yaml", ()),
-    "faster_rcnn_spp": ("configs/faster_rcnn/faster_rcnn_r18_fpn_spp_shapes.yaml", ()),
     "rfcn_align": ("configs/rfcn/rfcn_r18_shapes.yaml", ()),
     "seg_fpn": ("configs/segmentation/seg_r18_shapes.yaml", ()),
 }
 SLOW_FAMILIES = {
+    "faster_rcnn_spp": ("configs/faster_rcnn/faster_rcnn_r18_fpn_spp_shapes.yaml", ()),
     "yolov3_spp": ("configs/yolo/yolov3_d53_spp_coco.yaml",
                    ("model.backbone.width_mult=0.125", "model.backbone.depth_mult=0.33",
                     "model.head.feat_channels=[32,64,128]", "model.num_classes=4")),
