@@ -3,7 +3,8 @@
 Both receive the same ground truth and the same detection annotations and return the same
 numbers: the 12 summary stats and the ``precision`` array [T,R,K,A,M] (IoU thresholds, recall
 thresholds, categories, area ranges, max detections) equal to ~1e-16. ``faster`` is the default;
-when ``faster_coco_eval`` cannot be imported, evaluation falls back to pycocotools with a warning.
+when ``faster_coco_eval`` cannot be imported, evaluation falls back to pycocotools with a warning;
+so does an evaluation of detections with NaN or infinite scores or boxes (see ``run_cocoeval``).
 
 Detections travel as a :class:`DetectionTable` (arrays, one row per detection) instead of a list of
 dicts: ``COCOEvaluator.process`` fills it with tensor operations and one RLE ``encode`` call per
@@ -202,6 +203,12 @@ def run_cocoeval(coco_gt: COCO, detections: DetectionTable, iou_type: str,
     """Evaluate ``detections`` against ``coco_gt`` (all its images, or ``img_ids``)."""
     backend = resolve_backend(backend)
     check_gt_annotations(coco_gt)
+    finite = np.isfinite(detections.scores).all() and np.isfinite(detections.boxes).all()
+    if backend == "faster" and not finite:
+        # faster-coco-eval raises on NaN scores and scores NaN/inf boxes differently from
+        # pycocotools (AP 0.21 apart in a test); detkit's numbers are pycocotools' in that case.
+        warnings.warn("detections with NaN/inf scores or boxes: evaluated with pycocotools", stacklevel=2)
+        backend = "pycocotools"
     with gc_paused():
         return _run(coco_gt, detections.annotations(iou_type), iou_type, img_ids, backend)
 

@@ -184,3 +184,20 @@ def test_backend_option_config_and_errors(tmp_path):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     with pytest.raises(ValueError, match="detection 0 lacks"):
         evaluate_coco_files(tmp_path / "gt.json", tmp_path / "dt.json")
+
+
+@pytest.mark.parametrize("field", ["score", "bbox"])
+def test_nan_detections_scored_as_pycocotools(field):
+    """Edge case where the libraries differ: a NaN score makes faster-coco-eval raise, a NaN box
+    width changes its AP (by 0.2 on this case); pycocotools scores both. detkit gives
+    pycocotools' numbers (it evaluates such detections with pycocotools, with a warning)."""
+    gt, results = synthetic_coco(40, num_categories=5, dets_per_image=10, seed=3)
+    for r in results[::9]:
+        if field == "score":
+            r["score"] = float("nan")
+        else:
+            r["bbox"][2] = float("nan")
+    ref = direct(gt, results, "bbox")
+    with pytest.warns(UserWarning, match="NaN"):
+        metrics = coco_evaluate(make_coco(gt), results, backend="faster")[0]
+    assert [metrics[f"bbox/{n}"] for n in STATS] == pytest.approx(list(ref.stats), abs=1e-12)
