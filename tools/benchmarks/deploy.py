@@ -7,6 +7,8 @@ the model, decoding + NMS and mapping boxes back to the image. Columns:
 * eager: the PyTorch model as built;
 * options: PyTorch with BatchNorm folded into the convolutions (``Predictor(fold_bn=True)``);
 * +NHWC: additionally channels_last weights (``channels_last=True``);
+* ``compile=True`` is not timed here: compiling even the R18 backbone took over 110 s on the
+  shared 2-core machine (the first call), which a few repeats cannot amortise;
 * ORT / OpenVINO: the model exported by ``detkit.deploy.export`` (decode + NMS in the graph),
   run by ``Predictor(config, "model.onnx", backend=...)`` with the same pre/post-processing;
 * torchvision (Faster R-CNN row): ``fasterrcnn_resnet50_fpn(weights=None,
