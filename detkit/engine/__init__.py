@@ -2,7 +2,8 @@
 
 * :mod:`.trainer`    the loop (DDP, AMP, accumulation, EMA, evaluation, checkpoint policy)
 * :mod:`.checkpoint` atomic save, safe load, resume fallback, weight loading with shape reports
-* :mod:`.dist`       torchrun environment -> process group (NCCL on CUDA, gloo on CPU)
+* :mod:`.dist`       torchrun environment -> process group (NCCL on CUDA, gloo on CPU), restart-safe
+* :mod:`.preemption` SIGTERM -> save ``last.pth`` at the next iteration boundary -> exit 143
 * :mod:`.optim`      SGD/AdamW with norm/bias weight-decay exclusion, warmup + multistep/cosine/poly
 * :mod:`.ema`        exponential moving average of the weights
 * :mod:`.logging`    metrics.jsonl, TensorBoard, tqdm

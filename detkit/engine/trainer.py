@@ -25,7 +25,8 @@ from .ema import ModelEMA
 from .evaluate import build_val, inference_on_loader
 from .logging import TrainLogger, WindowMeter
 from .optim import build_optimizer, build_scheduler
-from .setup import epoch_batches, seed_everything, train_settings
+from .preemption import StopSignal, TrainingInterrupted, ignore_sigterm_in_workers
+from .setup import dist_settings, epoch_batches, seed_everything, train_settings
 
 __all__ = ["Trainer", "train"]
 
@@ -40,7 +41,7 @@ class Trainer:
     def __init__(self, cfg: dict, work_dir: str | Path, *, resume: bool | str | Path = False,
                  deterministic: bool = False):
         self.cfg, self.work_dir = cfg, Path(work_dir)
-        self.dist = init_distributed()
+        self.dist = init_distributed(**dist_settings(cfg))
         self.device = self.dist.device
         s = self.settings = train_settings(cfg)
         s["deterministic"] = bool(s["deterministic"] or deterministic)
@@ -66,6 +67,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_enabled and self.amp_dtype == torch.float16)
         self.iter, self.skipped_steps, self.best = 0, 0, None
+        # SIGTERM: the handler while train() runs, and whether some rank had it (agreed by all).
+        self._stop_signal: StopSignal | None = None
+        self._stop_agreed, self._saved_last_at = False, -1
         self._meter = WindowMeter()
         found = self._find_resume(resume) if resume else None
         if found is None and s["load_from"]:
@@ -81,6 +85,8 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(s["find_unused_parameters"]))
         self.val = build_val(cfg, seed=s["seed"])
+        for loader in (self.train_loader, self.val[1] if self.val is not None else None):
+            ignore_sigterm_in_workers(loader)  # SIGTERM is the trainer's to handle (preemption.py)
         self.logger = TrainLogger(self.work_dir, enabled=self.dist.is_main,
                                   max_iters=self.max_iters, start_iter=self.iter)
 
@@ -171,8 +177,14 @@ class Trainer:
         raise together before ``backward`` (none is left waiting in a gradient all-reduce).
         """
         names = sorted(losses)
-        stacked = torch.stack([losses[n].detach().float() for n in names])
+        # The SIGTERM flag rides along as the last element: every rank learns in this iteration
+        # whether any rank was signalled, without a collective of its own.
+        signalled = self._stop_signal is not None and self._stop_signal.requested is not None
+        stacked = torch.stack([losses[n].detach().float() for n in names]
+                              + [torch.tensor(float(signalled), device=self.device)])
         reduced = all_reduce_tensor(stacked, op="mean").cpu()
+        self._stop_agreed |= bool(reduced[-1] > 0)
+        reduced = reduced[:-1]
         if not torch.isfinite(reduced).all():
             local_bad = [n for n in names if not torch.isfinite(losses[n]).all()]
             per_rank = all_gather_object(local_bad)
@@ -209,6 +221,7 @@ class Trainer:
         self.logger.info(f"training iterations {self.iter + 1}..{end} of {self.max_iters} "
                          f"({self.iters_per_epoch} per epoch, {self.dist.world_size} process(es), "
                          f"device {self.device})")
+        stop = self._stop_signal = StopSignal().install()
         try:
             while self.iter < end:
                 epoch, done = divmod(self.iter, self.iters_per_epoch)
@@ -222,12 +235,24 @@ class Trainer:
                     images = sum(len(b[0]) for b in chunk) * self.dist.world_size
                     step_time = time.perf_counter() - t0
                     self._after_step(scalars, data_time, step_time, images, end)
+                    if self._stop_agreed and self.iter < end:
+                        self._save_and_stop()
                     if self.iter >= end:
                         break
                 del batches  # shuts the epoch's workers down before the next epoch starts them
         finally:
+            stop.restore()
+            self._stop_signal = None
             self.logger.close()
         return self.last_eval
+
+    def _save_and_stop(self) -> None:
+        """Some rank got SIGTERM: every rank saves ``last.pth`` at this iteration boundary and stops."""
+        if self._saved_last_at != self.iter:
+            self.save(last=True)
+        self.logger.info(f"SIGTERM: saved last.pth at iteration {self.iter} of {self.max_iters}; "
+                         f"stopping (continue with --resume)")
+        raise TrainingInterrupted(self.iter)
 
     def _after_step(self, scalars: dict, data_time: float, step_time: float, images: int,
                     end: int) -> None:
@@ -253,7 +278,7 @@ class Trainer:
         model = self.ema.module if self.ema is not None else self.model
         broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
         _, loader, evaluator = self.val
-        results = inference_on_loader(model, loader, evaluator, self.device)
+        results = inference_on_loader(model, loader, evaluator, self.device, log=self.logger.info)
         self.last_eval = results
         self.logger.log_eval(self.iter, (self.iter - 1) // self.iters_per_epoch, results)
         metric = self.settings["checkpoint"]["best_metric"]
@@ -320,6 +345,8 @@ class Trainer:
                 ckpt_io.save_checkpoint(ckpt_io.inference_checkpoint(state), lean)
             if last and keep > 0:
                 ckpt_io.prune_iter_checkpoints(self.work_dir, keep)
+        if last:
+            self._saved_last_at = self.iter
         barrier()
 
     def _load_pretrained(self, path: str) -> None:

@@ -1,0 +1,95 @@
+"""SIGTERM during training: finish the iteration, save ``last.pth``, exit (preemption).
+
+torchrun forwards a SIGTERM it receives to every worker's process group and kills whatever still
+runs 30 s later; schedulers (Slurm, Kubernetes) do the same with their own grace period. While
+:class:`StopSignal` is active a SIGTERM only raises a flag. The trainer folds the flag into the loss
+all-reduce it does anyway, so every rank learns in the same iteration that some rank was signalled,
+and all of them save together at the end of that iteration and raise :class:`TrainingInterrupted`.
+A second SIGTERM ends the process at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from functools import partial
+from types import FrameType
+from typing import Any, Callable
+
+__all__ = ["StopSignal", "TrainingInterrupted", "ignore_sigterm_in_workers"]
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving ``last.pth`` at iteration ``iteration``.
+
+    ``exit_code`` is the shell's code for a death by that signal (143 for SIGTERM): torchrun counts
+    it as a failure and restarts the workers when it has restarts left (they resume with
+    ``--resume``); a scheduler sees a job that did not finish.
+    """
+
+    def __init__(self, iteration: int, signum: int = signal.SIGTERM):
+        self.iteration, self.signum = iteration, signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}: saved last.pth at iteration "
+                         f"{iteration}; continue with --resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopSignal:
+    """Context manager: while active, SIGTERM sets :attr:`requested` instead of ending the process.
+
+    A no-op outside the main thread (Python delivers signals only there). DataLoader
+    workers replace it with one that dies; see :func:`ignore_sigterm_in_workers`.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = signum
+
+    def install(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        for sig, handler in self._previous.items():
+            # None: the previous handler was not installed from Python; the default is all we can do.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopSignal:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def ignore_sigterm_in_workers(loader: Any) -> None:
+    """Make ``loader``'s worker processes ignore SIGTERM (from their start on).
+
+    torchrun signals each worker's whole process group, DataLoader workers included, and torch's
+    worker loop installs a SIGTERM handler that dies; the trainer would then fail with "DataLoader
+    worker ... is killed by signal" instead of saving. Ignoring workers still end with the trainer:
+    it shuts them down, and torch's watchdog ends them when their parent is gone.
+    """
+    if getattr(loader, "num_workers", 0) > 0:
+        loader.worker_init_fn = partial(_ignore_sigterm_then, loader.worker_init_fn)
+
+
+def _ignore_sigterm_then(init: Callable[[int], None] | None, worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # after torch set its handler, before any work
+    if init is not None:
+        init(worker_id)
