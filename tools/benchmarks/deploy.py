@@ -19,13 +19,15 @@ Models are random-weight (no downloads); CenterNet-R18 at 512 (letterbox), YOLOv
 Faster R-CNN R50-FPN at short side 800, the shapes FPN segmentor (R18) at 512. Variants run
 alternately (one call each in turn, ``--repeats`` rounds after ``--warmup``); the median is
 reported. ``--threads`` sets torch's and the runtimes' intra-op threads; ``--size`` and
-``--device`` are ignored (CPU).
+``--device`` are ignored (CPU). ``DEPLOY_MODELS=CenterNet,YOLO`` (environment) runs only the rows
+whose name contains one of the words.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -103,7 +105,10 @@ def run(args: argparse.Namespace) -> None:
     columns = ["eager", "options", "+NHWC", "onnxruntime", "openvino", "torchvision"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        wanted = [w for w in os.environ.get("DEPLOY_MODELS", "").split(",") if w]
         for name, (config, overrides) in MODELS.items():
+            if wanted and not any(w in name for w in wanted):
+                continue
             variants = _variants(name, config, overrides, Path(tmp), args.threads)
             times: dict[str, list[float]] = {k: [] for k in variants}
             for round_ in range(args.warmup + args.repeats):
