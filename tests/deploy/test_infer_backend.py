@@ -95,3 +95,14 @@ def test_backend_mismatch_is_a_clear_error(exported):
         Predictor(exported / "cfg.yaml", exported / "model.pth", backend="onnxruntime")
     with pytest.raises(ValueError, match="backend must be one of"):
         Predictor(exported / "cfg.yaml", exported / "model.onnx", backend="tensorrt")
+
+
+def test_cuda_without_the_cuda_provider_falls_back_with_a_warning(exported):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+        predictor = Predictor(None, exported / "model.onnx", device="cuda", score_thr=0.05)
+    assert predictor.model.runtime.session.get_providers() == ["CPUExecutionProvider"]
+    assert len(predictor(render_image(0, "val", 3, 128)[0])["boxes"]) > 0
