@@ -78,18 +78,30 @@ class StopSignal:
 
 
 def ignore_sigterm_in_workers(loader: Any) -> None:
-    """Make ``loader``'s worker processes ignore SIGTERM (from their start on).
+    """Make ``loader``'s worker processes ignore a SIGTERM that does not come from the trainer.
 
     torchrun signals each worker's whole process group, DataLoader workers included, and torch's
-    worker loop installs a SIGTERM handler that dies; the trainer would then fail with "DataLoader
-    worker ... is killed by signal" instead of saving. Ignoring workers still end with the trainer:
-    it shuts them down, and torch's watchdog ends them when their parent is gone.
+    worker loop dies of a SIGTERM from anyone but its parent; the trainer would then fail with
+    "DataLoader worker ... is killed by signal" instead of saving. With this, a worker ignores a
+    SIGTERM from elsewhere and still ends like torch's own on one from the trainer (which sends it
+    when the workers do not stop by themselves); torch's watchdog ends it when the trainer is gone.
+    Needs ``signal.sigwaitinfo`` (Linux); elsewhere torch's behaviour is left as it is.
     """
-    if getattr(loader, "num_workers", 0) > 0:
-        loader.worker_init_fn = partial(_ignore_sigterm_then, loader.worker_init_fn)
+    if getattr(loader, "num_workers", 0) > 0 and hasattr(signal, "sigwaitinfo"):
+        loader.worker_init_fn = partial(_ignore_foreign_sigterm_then, loader.worker_init_fn)
 
 
-def _ignore_sigterm_then(init: Callable[[int], None] | None, worker_id: int) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # after torch set its handler, before any work
+def _ignore_foreign_sigterm_then(init: Callable[[int], None] | None, worker_id: int) -> None:
+    # Runs after torch installed its handler. A blocked SIGTERM waits for the thread below, the one
+    # place that learns who sent it (a handler does not).
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
     if init is not None:
         init(worker_id)

@@ -5,6 +5,7 @@ checkpoint) and a preempted job (SIGTERM to torchrun) must finish with exactly t
 uninterrupted run and one metrics record per iteration. The toy detector keeps a try to seconds.
 """
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from detkit.config import dump_config, load_config
 from detkit.engine import Trainer, load_checkpoint
 from detkit.engine.dist import _agree_on_prefix, init_distributed
-from detkit.engine.preemption import TrainingInterrupted
+from detkit.engine.preemption import TrainingInterrupted, ignore_sigterm_in_workers
 from detkit.engine.setup import DIST_DEFAULTS, dist_settings
 from detkit.registry import ConfigError
 
@@ -153,6 +154,31 @@ def test_sigterm_in_one_process_stops_after_the_current_iteration(shapes_root, t
     assert info.value.iteration == 3 and info.value.exit_code == 143
     assert load_checkpoint(tmp_path / "last.pth")["iter"] == 3
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+class _WorkerPid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def test_loader_workers_ignore_a_foreign_sigterm_and_end_on_the_trainers():
+    loader = torch.utils.data.DataLoader(_WorkerPid(), batch_size=None, num_workers=1)
+    ignore_sigterm_in_workers(loader)
+    batches = iter(loader)
+    pid = next(batches)
+    # From another process, as torchrun's SIGTERM to the process group: the worker keeps serving
+    # (a dead worker fails the next batches it has not prefetched yet).
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)
+    assert [next(batches) for _ in range(60)] == [pid] * 60
+    # From the trainer, as torch's last resort at shutdown: the worker ends quietly.
+    (worker,) = [p for p in multiprocessing.active_children() if p.pid == pid]
+    os.kill(pid, signal.SIGTERM)
+    worker.join(30)
+    assert worker.exitcode == 0
+    del batches
 
 
 def test_dist_settings_are_documented_and_checked():
