@@ -62,7 +62,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def run_tool(tool: str, *args, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_tool(tool: str, *args, timeout: int = 540) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("DETKIT_DEBUG", None)
     return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], cwd=REPO,
