@@ -6,6 +6,7 @@ the shapes config, inherited through an absolute ``_base_`` path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -165,3 +166,31 @@ def test_worker_message_is_unwrapped_and_debug_shows_the_traceback(capsys, monke
 
     with pytest.raises(KeyError):
         run_cli(bug, [])
+
+
+def _tool_main(tool: str):
+    """A tool's main() in this process (the same run_cli path as the subprocess, without the
+    interpreter start)."""
+    spec = importlib.util.spec_from_file_location(f"detkit_{tool}_cli", REPO / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("tool", ["train", "eval"])
+def test_missing_annotation_file_and_image_folder(tmp_path, capsys, monkeypatch, tool):
+    from detkit.data.shapes import generate
+
+    monkeypatch.delenv("DETKIT_DEBUG", raising=False)
+    generate(tmp_path / "shapes", num_train=2, num_val=2, size=32, seed=0)
+    main = _tool_main(tool)
+    args = [str(REPO / "configs/centernet/centernet_r18_shapes.yaml")]
+    args += ["--work-dir", str(tmp_path / "w")] if tool == "train" else [str(tmp_path / "x.pth")]
+    split = "train" if tool == "train" else "val"
+    root = tmp_path / "shapes"
+    cases = [(f"data.{split}.dataset.ann_file=missing.json", str(root / "missing.json")),
+             (f"data.{split}.dataset.img_dir=nowhere", f"image folder not found: {root / 'nowhere'}")]
+    for override, named in cases:
+        assert main([*args, "--set", f"data.root={root}", override]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and err.startswith("error: ")
