@@ -5,7 +5,8 @@ runs 30 s later; schedulers (Slurm, Kubernetes) do the same with their own grace
 :class:`StopSignal` is active a SIGTERM only raises a flag. The trainer folds the flag into the loss
 all-reduce it does anyway, so every rank learns in the same iteration that some rank was signalled,
 and all of them save together at the end of that iteration and raise :class:`TrainingInterrupted`.
-A second SIGTERM ends the process at once.
+Further SIGTERMs change nothing: under Slurm a worker gets one from the scheduler and one from
+torchrun at about the same time, and it must still save.
 """
 
 from __future__ import annotations
@@ -51,11 +52,8 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.requested = signum
+        if self.requested is None:
+            self.requested = signum
 
     def install(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():

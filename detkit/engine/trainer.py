@@ -222,6 +222,7 @@ class Trainer:
                          f"({self.iters_per_epoch} per epoch, {self.dist.world_size} process(es), "
                          f"device {self.device})")
         stop = self._stop_signal = StopSignal().install()
+        self._stop_agreed = False
         try:
             while self.iter < end:
                 epoch, done = divmod(self.iter, self.iters_per_epoch)
