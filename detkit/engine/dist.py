@@ -102,18 +102,24 @@ def init_distributed(timeout_minutes: float = 30.0, init_timeout_minutes: float 
 def _join_with_retries(backend: str, *, rank: int, world_size: int, device: torch.device | None,
                        timeout: timedelta, init_timeout: timedelta) -> None:
     """``init_process_group`` under a fresh store prefix; a failed try is retried with backoff
-    (1, 2, 4 ... 30 s) until ``init_timeout`` has passed, then one error names rank and address."""
+    (1, 2, 4 ... 30 s) until ``init_timeout`` has passed, then one error names rank and address.
+
+    A try may take a third of ``init_timeout``: a rank whose peer failed early waits in its connect
+    only that long, and both meet again in a later try (rank 0 keeps answering new tickets).
+    """
     address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     deadline = time.monotonic() + init_timeout.total_seconds()
     delay, attempt = 1.0, 0
     while True:
         attempt += 1
         try:
+            try_deadline = min(deadline, time.monotonic() + init_timeout.total_seconds() / 3)
             _join_once(backend, rank=rank, world_size=world_size, device=device, timeout=timeout,
-                       deadline=deadline)
+                       deadline=try_deadline)
             return
         except (RuntimeError, OSError) as e:  # torch's DistError/DistStoreError are RuntimeErrors
             cleanup_distributed()
+            _reset_group_counter()
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             if time.monotonic() + delay >= deadline:
                 raise RuntimeError(
@@ -128,6 +134,15 @@ def _join_with_retries(backend: str, *, rank: int, world_size: int, device: torc
               f"retrying in {delay:.0f} s", file=sys.stderr, flush=True)
         time.sleep(delay)
         delay = min(2 * delay, _MAX_BACKOFF_S)
+
+
+def _reset_group_counter() -> None:
+    # init_process_group names a group from a counter that only destroy_process_group resets. A try
+    # that failed inside init_process_group leaves it one up on this rank alone, and the next try
+    # would wait for keys ("<prefix>/1//cpu...") that a peer which failed earlier writes under "0".
+    world = getattr(dist.distributed_c10d, "_world", None)  # private; absent: nothing to reset
+    if world is not None and hasattr(world, "group_count"):
+        world.group_count = 0
 
 
 def _join_once(backend: str, *, rank: int, world_size: int, device: torch.device | None,

@@ -266,3 +266,39 @@ def test_a_hung_rank_ends_the_job_within_dist_timeout(tmp_path):
     proc = _run(cmd, env=env, timeout=120)
     assert proc.returncode != 0
     assert "Timed out waiting 3000ms" in proc.stderr, proc.stderr[-3000:]
+
+
+FAIL_FIRST_JOIN = """
+import os
+import torch
+import torch.distributed as dist
+from detkit.engine.dist import all_reduce_tensor, init_distributed
+if os.environ["RANK"] == "1":
+    real, calls = dist.init_process_group, []
+
+    def fail_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("Connection refused (injected)")
+        return real(*args, **kwargs)
+
+    dist.init_process_group = fail_first
+info = init_distributed(init_timeout_minutes=0.5)
+print(f"rank {info.rank}: sum {float(all_reduce_tensor(torch.ones(1)))}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_join_is_retried_by_every_rank(tmp_path):
+    # Rank 1 fails right after the handshake; rank 0, already connecting under that prefix, gives
+    # its try up after a third of the 30 s and both meet under a new prefix.
+    (tmp_path / "join.py").write_text(FAIL_FIRST_JOIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "join.py")]
+    proc = _run(cmd, env=env, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "rank 0: sum 2.0" in proc.stdout and "rank 1: sum 2.0" in proc.stdout
+    assert "warning (rank 1): joining the process group at" in proc.stderr
+    assert "failed (Connection refused (injected)); retrying in 1 s" in proc.stderr
+    assert "warning (rank 0): joining the process group at" in proc.stderr
