@@ -6,6 +6,8 @@
     torchrun --nproc-per-node 8 tools/train.py CONFIG ...
     torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:PORT tools/train.py CONFIG ...
+    torchrun --standalone --nproc-per-node 8 --max-restarts 3 tools/train.py CONFIG --resume
+        (restarted workers continue from the newest checkpoint; fresh start when there is none)
 
 The work dir (default ``work_dirs/<config name>``) receives ``config.yaml`` (the resolved
 config), ``metrics.jsonl``, ``tensorboard/`` events, ``last.pth``, ``best.pth`` and
