@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from engine_helpers import base_config, read_metrics
 
 from detkit.engine import load_checkpoint, train
+
+from engine_helpers import base_config, read_metrics
 
 SHORT_EDGES = [32, 48, 64, 80, 96]
 
