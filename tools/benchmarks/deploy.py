@@ -75,7 +75,9 @@ def _variants(name: str, config: str, overrides: list[str], work: Path, threads:
                                    channels_last=True).predict_arrays}
     tensor, _ = eager.pipeline(_image())
     onnx = ckpt.with_suffix(".onnx")
-    export_onnx(copy.deepcopy(eager.model), onnx, *tensor.shape[-2:], dynamic=True)
+    div = eager.model.size_divisibility
+    height, width = (-(-int(n) // div) * div for n in tensor.shape[-2:])   # the padded size
+    export_onnx(copy.deepcopy(eager.model), onnx, height, width, dynamic=True)
     for backend in ("onnxruntime", "openvino"):
         variants[backend] = Predictor(cfg, onnx, score_thr=0.05, backend=backend,
                                       threads=threads).predict_arrays
