@@ -2,7 +2,7 @@
 """Self-supervised pre-training -> low-label detection fine-tuning on shapes (README table).
 
     python tools/benchmarks/self_supervised.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
-        [--pretrain-iters 150] [--pretrain-batch 32] [--finetune-iters 200]
+        [--pretrain-iters 120] [--pretrain-batch 32] [--finetune-iters 150]
         [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock]
 
 For each method: ``tools/pretrain.py configs/pretrain/<method>_r18_shapes.yaml`` at the given
@@ -158,9 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1])
-    p.add_argument("--pretrain-iters", type=int, default=150)
+    p.add_argument("--pretrain-iters", type=int, default=120)
     p.add_argument("--pretrain-batch", type=int, default=32)
-    p.add_argument("--finetune-iters", type=int, default=200)
+    p.add_argument("--finetune-iters", type=int, default=150)
     p.add_argument("--data-root", default="data/shapes")
     p.add_argument("--work-dir", type=Path, default=Path("work_dirs/ssl_bench"))
     p.add_argument("--lock", default=None, help="flock this file around every training run")
