@@ -48,7 +48,8 @@ def test_dense_to_original_crops_letterbox_and_resizes():
     up = orig.repeat_interleave(2, 0).repeat_interleave(2, 1)           # 8 x 12
     canvas = torch.full((12, 12), 255, dtype=torch.int64)
     canvas[2:10] = up
-    meta = {"orig_size": torch.tensor([4, 6]), "scale": torch.tensor([2.0, 2.0]), "offset": torch.tensor([0.0, 2.0])}
+    meta = {"orig_size": torch.tensor([4, 6]), "scale": torch.tensor([2.0, 2.0]),
+            "offset": torch.tensor([0.0, 2.0])}
     assert torch.equal(dense_to_original(canvas, meta), orig)
     logits = canvas[None].float()
     back = dense_to_original(logits, meta, mode="bilinear")

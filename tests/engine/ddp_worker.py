@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine_helpers  # noqa: E402,F401  (registers the toy detector)
 from detkit.config import load_config  # noqa: E402
 from detkit.engine import Trainer  # noqa: E402
 from detkit.engine.dist import cleanup_distributed  # noqa: E402
+
+import engine_helpers  # noqa: E402,F401  (registers the toy detector)
 
 torch.set_num_threads(1)
 real_cfg, toy_cfg, work_dir = load_config(sys.argv[1]), load_config(sys.argv[2]), Path(sys.argv[3])

@@ -73,11 +73,11 @@ if "EngineToyDetector" not in DETECTORS:
             scores, labels = self.cls(feats).sigmoid().max(1)
             boxes = self.box(feats).sigmoid()
             out = []
-            for b, s, l, (h, w) in zip(boxes, scores, labels, batch.image_sizes):
+            for b, s, lab, (h, w) in zip(boxes, scores, labels, batch.image_sizes):
                 xyxy = b * torch.tensor([w, h, w, h], dtype=b.dtype, device=b.device)
                 xyxy = torch.cat([torch.minimum(xyxy[:2], xyxy[2:]),
                                   torch.maximum(xyxy[:2], xyxy[2:]) + 1])
-                out.append({"boxes": xyxy[None], "scores": s[None], "labels": l[None]})
+                out.append({"boxes": xyxy[None], "scores": s[None], "labels": lab[None]})
             return out
 
 

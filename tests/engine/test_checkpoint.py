@@ -10,10 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from detkit.engine.checkpoint import (CheckpointError, get_rng_state, load_checkpoint,
-                                      load_model_weights, load_resume_checkpoint,
-                                      prune_iter_checkpoints, resume_candidates, save_checkpoint,
-                                      set_rng_state)
+from detkit.engine.checkpoint import (
+    CheckpointError,
+    get_rng_state,
+    load_checkpoint,
+    load_model_weights,
+    load_resume_checkpoint,
+    prune_iter_checkpoints,
+    resume_candidates,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def _state(value: float, it: int) -> dict:

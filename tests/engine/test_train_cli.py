@@ -32,7 +32,8 @@ def _main(*args) -> int:
 def test_cli_outputs_and_resume_after_corrupt_last(shapes_root, tmp_path, capsys):
     work = tmp_path / "work"
     overrides = [f"data.root={shapes_root}", "data.train.batch_size=4", "data.val.batch_size=4",
-                 "data.train.num_workers=0", "data.val.num_workers=0", "train.log_interval=1", "train.eval_interval=0",
+                 "data.train.num_workers=0", "data.val.num_workers=0", "train.log_interval=1",
+                 "train.eval_interval=0",
                  "train.checkpoint.interval=1", "train.checkpoint.keep=1", "train.max_iters=2"]
     proc = _run(SMALLEST_REAL_CONFIG, "--work-dir", work, "--set", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -79,7 +79,8 @@ def test_resnet_weights_from_file_and_errors(tmp_path):
     with pytest.raises(ValueError) as err:  # a ResNet-18 file given to a ResNet-34 (same keys + more)
         ResNet(depth=50, weights=str(path))
     message = str(err.value)
-    assert str(path) in message and "layer1.0.conv1.weight: expected (64, 64, 1, 1), got (64, 64, 3, 3)" in message
+    assert str(path) in message
+    assert "layer1.0.conv1.weight: expected (64, 64, 1, 1), got (64, 64, 3, 3)" in message
 
 
 def test_resnet_gradients_reach_every_parameter_with_dcn():
@@ -99,7 +100,8 @@ def test_resnet_dilation_matches_torchvision(output_stride, dilation):
     for name in ours:
         torch.testing.assert_close(ours[name], ref[name])
     kept = "c4" if output_stride == 16 else "c3"
-    assert ours["c5"].shape[-2:] == ours[kept].shape[-2:] == (math.ceil(64 / output_stride), math.ceil(70 / output_stride))
+    expected_hw = (math.ceil(64 / output_stride), math.ceil(70 / output_stride))
+    assert ours["c5"].shape[-2:] == ours[kept].shape[-2:] == expected_hw
     assert model.output_shape()["c5"].stride == output_stride
 
 

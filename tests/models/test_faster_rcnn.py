@@ -13,8 +13,6 @@ from detkit.config import load_config
 from detkit.models import build_model
 from detkit.models.convert import COCO_CATEGORY_IDS, torchvision_to_detkit
 
-
-
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "faster_rcnn"
 SIZES = [(256, 320), (224, 288)]  # two sizes: padding and per-image clipping are exercised

@@ -12,8 +12,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from detkit.models.heads import RoIHead, RPNHead, TwoMLPHead
 from detkit.structures import ShapeSpec
 
-
-
 # ---- README example begins ----
 
 

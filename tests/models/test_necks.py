@@ -12,7 +12,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from detkit.models.necks.fpn import FPN
 from detkit.models.necks.pan import PAN
-from detkit.models.necks.spp import SPP, SPPF, SpatialPyramidPooling
+from detkit.models.necks.spp import SPP, SpatialPyramidPooling
 from detkit.models.necks.yolo_neck import YOLOv3Neck
 from detkit.registry import NECKS, ConfigError
 from detkit.structures import ShapeSpec
@@ -160,7 +160,8 @@ def test_yolov3_neck(size, spp):
 def test_yolov3_neck_full_size_channels():
     shapes = {"c3": ShapeSpec(256, 8), "c4": ShapeSpec(512, 16), "c5": ShapeSpec(1024, 32)}
     neck = YOLOv3Neck(input_shapes=shapes)
-    assert neck.output_shape() == {"p3": ShapeSpec(128, 8), "p4": ShapeSpec(256, 16), "p5": ShapeSpec(512, 32)}
+    assert neck.output_shape() == {"p3": ShapeSpec(128, 8), "p4": ShapeSpec(256, 16),
+                                   "p5": ShapeSpec(512, 32)}
     # YOLOv3 input channels of the concat blocks: 512 + 256 = 768 and 256 + 128 = 384
     assert neck.blocks[1].convs[0].conv.in_channels == 768
     assert neck.blocks[0].convs[0].conv.in_channels == 384

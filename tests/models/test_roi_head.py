@@ -12,8 +12,6 @@ from detkit.models.heads.roi_head import ConvFCHead, Res5Head, RoIHead, TwoMLPHe
 from detkit.registry import HEADS, ConfigError
 from detkit.structures import ShapeSpec
 
-
-
 CH, C = 16, 3
 SHAPES = {"p3": ShapeSpec(CH, 8), "p4": ShapeSpec(CH, 16), "p5": ShapeSpec(CH, 32)}
 PADDED = (128, 160)

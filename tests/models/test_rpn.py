@@ -8,11 +8,9 @@ from torchvision.models.detection.image_list import ImageList as TVImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 
-from detkit.registry import HEADS, ConfigError
 from detkit.models.heads.rpn import RPNHead
+from detkit.registry import HEADS, ConfigError
 from detkit.structures import ShapeSpec
-
-
 
 CH = 16
 SHAPES = {"p3": ShapeSpec(CH, 8), "p4": ShapeSpec(CH, 16), "p5": ShapeSpec(CH, 32)}

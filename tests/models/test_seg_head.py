@@ -118,7 +118,8 @@ def test_segmentor_train_and_eval_outputs(head):
 
 def test_logits_to_original_crops_letterbox_then_resizes():
     logits = torch.randn(3, 20, 24)
-    meta = {"orig_size": torch.tensor([8, 10]), "scale": torch.tensor([2.0, 2.0]), "offset": torch.tensor([2.0, 1.0])}
+    meta = {"orig_size": torch.tensor([8, 10]), "scale": torch.tensor([2.0, 2.0]),
+            "offset": torch.tensor([2.0, 1.0])}
     ref = F.interpolate(logits[None, :, 1:17, 2:22], size=(8, 10), mode="bilinear", align_corners=False)[0]
     assert torch.allclose(logits_to_original(logits, meta), ref)
     assert logits_to_original(logits, {}) is logits

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detkit.registry import HEADS, ConfigError
-from detkit.structures import ShapeSpec
 from detkit.models.heads.yolo_head import YOLOHead
 from detkit.models.yolo_targets import assign_anchors, encode_boxes
+from detkit.registry import HEADS, ConfigError
+from detkit.structures import ShapeSpec
 
 SHAPES = {"p3": ShapeSpec(8, 8), "p4": ShapeSpec(16, 16), "p5": ShapeSpec(16, 32)}
 SMALL_ANCHORS = [[[6, 6], [10, 14]], [[20, 16], [24, 36]], [[40, 40], [60, 50]]]

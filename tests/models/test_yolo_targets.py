@@ -7,8 +7,15 @@ import torch
 from torchvision.ops import box_iou
 
 from detkit.models.heads.yolo_head import COCO_ANCHORS
-from detkit.models.yolo_targets import (assign_anchors, box_ioa, decode_boxes, encode_boxes,
-                                        ignore_mask, make_priors, shape_iou)
+from detkit.models.yolo_targets import (
+    assign_anchors,
+    box_ioa,
+    decode_boxes,
+    encode_boxes,
+    ignore_mask,
+    make_priors,
+    shape_iou,
+)
 
 STRIDES = [8, 16, 32]
 

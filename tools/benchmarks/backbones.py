@@ -15,7 +15,8 @@ COMBINATIONS = {
     "R50-FPN": ({"type": "ResNet", "depth": 50}, {"type": "FPN", "extra_levels": "maxpool"}),
     "R50-DCN-FPN": ({"type": "ResNet", "depth": 50, "dcn_stages": ["c3", "c4", "c5"]},
                     {"type": "FPN", "extra_levels": "maxpool"}),
-    "R50-dilated (OS16, c5)": ({"type": "ResNet", "depth": 50, "output_stride": 16, "out_features": ["c5"]}, None),
+    "R50-dilated (OS16, c5)": ({"type": "ResNet", "depth": 50, "output_stride": 16, "out_features": ["c5"]},
+                               None),
     "Darknet53-YOLOv3Neck": ({"type": "Darknet53"}, {"type": "YOLOv3Neck"}),
     "Darknet53-YOLOv3Neck-SPP": ({"type": "Darknet53"}, {"type": "YOLOv3Neck", "spp": True}),
 }
@@ -45,12 +46,13 @@ def run(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = build(backbone_cfg, neck_cfg).eval().to(args.device)
         x = torch.randn(1, 3, args.size, args.size, device=args.device)
-        seconds = time_call(lambda: model(x), args.repeats, args.warmup, args.device)
-        gflops = count_flops(lambda: model(x)) / 1e9
+        seconds = time_call(lambda model=model, x=x: model(x), args.repeats, args.warmup, args.device)
+        gflops = count_flops(lambda model=model, x=x: model(x)) / 1e9
         outputs = ", ".join(f"{k}/{s.stride}" for k, s in
                             (model.neck or model.backbone).output_shape().items())
         rows.append([name, f"{count_params(model) / 1e6:.2f}", f"{gflops:.1f}",
                      f"{seconds * 1000:.0f}", outputs])
     print(f"batch 1, {args.size}x{args.size}, eval mode, forward only; GFLOPs = 2 x multiply-adds "
           f"(FlopCounterMode; deformable convs counted as dense convs)\n")
-    print(markdown_table(["model", "params (M)", "GFLOPs", "forward (ms, median)", "outputs (name/stride)"], rows))
+    print(markdown_table(["model", "params (M)", "GFLOPs", "forward (ms, median)", "outputs (name/stride)"],
+                         rows))

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 
-def _deform_conv_flops(x_shape, w_shape, offset_shape, mask_shape, bias_shape, *args, out_shape=None, **kwargs):
+def _deform_conv_flops(x_shape, w_shape, offset_shape, mask_shape, bias_shape, *args, out_shape=None,
+                       **kwargs):
     # torchvision's deformable conv: counted as the dense conv it generalises (the bilinear
     # sampling of offsets is not included).
     return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)

@@ -56,7 +56,7 @@ def _measure(model, size: int, args) -> list[list]:
     gflops = count_flops(lambda: network(batch.tensor)) / 1e9
     rows = []
     for name, outs in (("untrained", outputs), ("dense", dense)):
-        t_post = time_call(lambda: model.head.predict(outs, batch.image_sizes), args.repeats,
+        t_post = time_call(lambda outs=outs: model.head.predict(outs, batch.image_sizes), args.repeats,
                            args.warmup, args.device)
         num_preds = sum(o[0, ..., 0].numel() for o in outs)
         rows.append([f"YOLOv3-D53 {size}", name, f"{count_params(model) / 1e6:.1f}", f"{gflops:.0f}",
