@@ -27,7 +27,7 @@ import copy
 import functools
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeGuard
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ __all__ = ["Predictor", "CheckpointError", "InferencePipeline", "load_predictor_
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (file reading and weight loading are the trainer's, detkit.engine.checkpoint)
 
-def _is_state_dict(obj: Any) -> bool:
+def _is_state_dict(obj: Any) -> TypeGuard[dict[str, Tensor]]:
     return isinstance(obj, dict) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
@@ -57,6 +57,7 @@ def extract_state_dict(ckpt: dict, path: str | os.PathLike) -> dict[str, Tensor]
     (they are what the trainer evaluates), else its ``model``; or a bare state dict (detkit's,
     or torchvision's, which :func:`apply_checkpoint` converts)."""
     ema = ckpt.get("ema")
+    state: dict[str, Tensor]
     if _is_state_dict(ema):
         state = ema
     elif _is_state_dict(ckpt.get("model")):
@@ -216,9 +217,11 @@ def load_input(item: Any, index: int = 0) -> tuple[np.ndarray, str]:
         return to_rgb_uint8(item, name), name
     try:
         from PIL import Image
+
+        is_pil = isinstance(item, Image.Image)
     except ImportError:  # pragma: no cover - pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(item, Image.Image):
+        is_pil = False
+    if is_pil:
         return _from_pil(item, name), name
     raise TypeError(f"{name}: expected a file path, a numpy HxWx3 RGB array or a PIL image, "
                     f"got {type(item).__name__}")
@@ -289,6 +292,7 @@ class Predictor:
         self.model = build_model(get_path(self.cfg, "model"))
         meta: dict = {}
         if ckpt is not None:
+            assert checkpoint is not None  # ckpt was loaded from it
             meta = apply_checkpoint(self.model, ckpt, checkpoint)
         else:
             warnings.warn("Predictor: no checkpoint given, the model has random weights", stacklevel=2)

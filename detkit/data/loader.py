@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -62,8 +63,9 @@ def seed_dataset(obj, seed: int, _depth: int = 0) -> None:
     if obj is None or _depth > 8:
         return
     for target in (getattr(obj, "transforms", None), obj):
-        if callable(getattr(target, "set_seed", None)):
-            target.set_seed(seed)
+        set_seed = getattr(target, "set_seed", None)
+        if callable(set_seed):
+            set_seed(seed)
     inner = getattr(obj, "dataset", None)
     if isinstance(inner, Dataset):
         seed_dataset(inner, seed, _depth + 1)
@@ -90,6 +92,14 @@ class InferenceSampler(Sampler):
         pass
 
 
+class SizedSampler(Protocol):
+    """An index sampler with a length (``DistributedSampler``, ``InferenceSampler``)."""
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def __len__(self) -> int: ...
+
+
 class GroupedBatchSampler(Sampler):
     """Batches of ``(index, seed)`` pairs from an index sampler, optionally grouped by aspect ratio.
 
@@ -100,7 +110,7 @@ class GroupedBatchSampler(Sampler):
     batches of the next pass only (mid-epoch resume).
     """
 
-    def __init__(self, sampler: Sampler, batch_size: int, *, drop_last: bool = False,
+    def __init__(self, sampler: SizedSampler, batch_size: int, *, drop_last: bool = False,
                  group_ids: list[int] | None = None, seed: int = 0, rank: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -180,6 +190,8 @@ def _worker_init(worker_id: int) -> None:
 class DetkitLoader(DataLoader):
     """A DataLoader with ``set_epoch(epoch, skip_batches=0)`` (shuffle order + augmentation seeds)."""
 
+    batch_sampler: GroupedBatchSampler  # always given by build_dataloader
+
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.batch_sampler.set_epoch(epoch)
         self.batch_sampler.skip(skip_batches)
@@ -208,16 +220,18 @@ def build_dataloader(split_cfg: dict, dataset, *, train: bool, seed: int = 0) ->
         raise ConfigError("data split: 'batch_size' is required")
     rank, world = dist_info()
     batch_size = int(split_cfg["batch_size"])
+    sampler: SizedSampler
     if train:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank,
                                      shuffle=bool(split_cfg.get("shuffle", True)), seed=seed)
     else:
         sampler = InferenceSampler(len(dataset), rank, world)
     group_ids = _group_ids(dataset) if split_cfg.get("aspect_ratio_grouping", False) else None
-    batch_sampler = GroupedBatchSampler(sampler, batch_size, drop_last=bool(split_cfg.get("drop_last", False)) and train,
+    drop_last = bool(split_cfg.get("drop_last", False)) and train
+    batch_sampler = GroupedBatchSampler(sampler, batch_size, drop_last=drop_last,
                                         group_ids=group_ids, seed=seed, rank=rank)
     num_workers = int(split_cfg.get("num_workers", 0))
-    extra = {}
+    extra: dict[str, Any] = {}
     if num_workers > 0:
         extra["persistent_workers"] = bool(split_cfg.get("persistent_workers", False))
         if split_cfg.get("prefetch_factor") is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import ConcatDataset as _TorchConcat
@@ -124,6 +125,10 @@ class ConcatDataset(_TorchConcat):
     each child gets ``data.root`` and the split's pipeline.
     """
 
+    # Children are any detkit datasets (DetectionDataset subclasses, SubsetDataset, Mosaic, ...),
+    # which share no base class declaring get_raw / aspect_ratios / ...: duck-typed.
+    datasets: list[Any]
+
     def __init__(self, datasets: list):
         super().__init__(datasets)
         first = datasets[0]
@@ -151,7 +156,7 @@ class ConcatDataset(_TorchConcat):
     def seg_class_names(self) -> list[str]:
         return self.datasets[0].seg_class_names
 
-    def _locate(self, index: int) -> tuple[object, int]:
+    def _locate(self, index: int) -> tuple[Any, int]:
         if index < 0:
             index += len(self)
         k = int(np.searchsorted(self.cumulative_sizes, index, side="right"))

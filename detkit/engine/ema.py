@@ -6,7 +6,7 @@ import copy
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["ModelEMA"]
 
@@ -41,7 +41,8 @@ class ModelEMA:
         d = self.current_decay()
         ema_params = dict(self.module.named_parameters())
         src_params = dict(model.named_parameters())
-        ema_list = [ema_params[n] for n in src_params if ema_params[n].dtype.is_floating_point]
+        ema_list: list[Tensor] = [ema_params[n] for n in src_params
+                                  if ema_params[n].dtype.is_floating_point]
         src_list = [src_params[n].detach() for n in src_params
                     if ema_params[n].dtype.is_floating_point]
         if ema_list:

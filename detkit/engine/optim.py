@@ -78,7 +78,7 @@ def build_optimizer(model: nn.Module, cfg: dict, path: str = "train.optimizer") 
     if "lr" not in cfg:
         raise ConfigError(f"{path}: missing 'lr'")
     cls = OPTIMIZERS[name]
-    check_kwargs(cls.__init__, {"params": None, **cfg}, path, name)
+    check_kwargs(cls, {"params": None, **cfg}, path, name)
     if "betas" in cfg:
         cfg["betas"] = tuple(float(b) for b in cfg["betas"])
     groups = param_groups(model, wd, wd_norm, wd_bias)

@@ -58,7 +58,8 @@ class YOLOPriors:
 
 
 def make_priors(sizes: Sequence[tuple[int, int]], strides: Sequence[int], anchors: Tensor) -> YOLOPriors:
-    """Build :class:`YOLOPriors` for grids ``sizes`` [(Hl, Wl)], ``strides`` [s_l], ``anchors`` Float[L,A,2]."""
+    """Build :class:`YOLOPriors` for grids ``sizes`` [(Hl, Wl)], ``strides`` [s_l],
+    ``anchors`` Float[L,A,2]."""
     device, dtype = anchors.device, anchors.dtype
     num_anchors = anchors.shape[1]
     cells, stride_list, anchor_list, offsets = [], [], [], []

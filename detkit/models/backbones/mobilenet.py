@@ -77,7 +77,8 @@ class MobileNetV3(nn.Module):
         else:
             source = f"torchvision {_ARCHS[self.arch]}.{weights}"
             try:
-                state = torchvision.models.get_weight(f"{_ARCHS[self.arch]}.{weights}").get_state_dict(progress=False)
+                weights_enum = torchvision.models.get_weight(f"{_ARCHS[self.arch]}.{weights}")
+                state = weights_enum.get_state_dict(progress=False)
             except Exception as e:
                 raise ValueError(f"MobileNetV3: cannot load weights '{weights}' (not a file; {source}: "
                                  f"{e})") from e

@@ -35,6 +35,9 @@ class Detector(nn.Module):
     evaluation on several views and merges them (see ``detkit/models/multiscale.py``).
     """
 
+    pixel_mean: Tensor  # buffer Float[3,1,1]
+    pixel_std: Tensor  # buffer Float[3,1,1]
+
     def __init__(self, *, pixel_mean: Sequence[float] = IMAGENET_MEAN,
                  pixel_std: Sequence[float] = IMAGENET_STD, size_divisibility: int = 32,
                  multiscale_train: dict | None = None, test_time_aug: dict | None = None):
@@ -77,6 +80,7 @@ class Detector(nn.Module):
     def forward(self, images: Sequence[Tensor], targets: list[dict] | None = None):
         if self.training:
             self.check_targets(targets, len(images))
+            assert targets is not None  # check_targets raised otherwise
             if self.multiscale_train is not None:
                 images, targets = self.multiscale_train(list(images), targets)
             batch = self.preprocess(images)
@@ -85,7 +89,8 @@ class Detector(nn.Module):
                        for t in targets]
             return self.forward_train(batch, targets)
         if self.test_time_aug is not None:
-            results = self.test_time_aug(lambda views: self.forward_test(self.preprocess(views)), list(images))
+            results = self.test_time_aug(lambda views: self.forward_test(self.preprocess(views)),
+                                         list(images))
         else:
             results = self.forward_test(self.preprocess(images))
         if targets is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +36,10 @@ class OneStageDetector(Detector):
     the generic box-level ``test_time_aug: {flip: true}`` of ``Detector`` instead.
     """
 
+    # Heads share no base class: any registered head with forward / loss / predict (and,
+    # optionally, merge_flip) fits, so its methods are duck-typed.
+    head: Any
+
     def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, head: nn.Module,
                  flip_test: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -54,7 +60,8 @@ class OneStageDetector(Detector):
         backbone, neck, shapes = build_backbone_and_neck(cfg, path)
         head = HEADS.build(cfg["head"], f"{path}.head", input_shapes=shapes,
                            num_classes=int(cfg["num_classes"]))
-        kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes", "flip_test"))
+        kwargs = base_kwargs(cfg, path, cls.__name__,
+                             ("backbone", "neck", "head", "num_classes", "flip_test"))
         try:
             return cls(backbone=backbone, neck=neck, head=head, flip_test=bool(cfg.get("flip_test", False)),
                        **kwargs)

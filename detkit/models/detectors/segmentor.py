@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,10 @@ class Segmentor(Detector):
     Int64[H0,W0] (original pixels when targets/metas with ``orig_size``/``scale``/``offset`` are
     passed, else the input image's pixels) and empty ``boxes``/``scores``/``labels``.
     """
+
+    # Heads share no base class: any registered head with forward / loss / image_logits fits,
+    # so its methods are duck-typed.
+    head: Any
 
     def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, head: nn.Module, **kwargs):
         super().__init__(**kwargs)

@@ -74,17 +74,18 @@ class RPNHead(nn.Module):
         self.anchor_generator = AnchorGenerator(sizes=anchor_sizes, aspect_ratios=aspect_ratios,
                                                 strides=[s.stride for s in shapes],
                                                 stride_mode=stride_mode)
-        num_anchors = set(self.anchor_generator.num_anchors_per_location)
-        if len(num_anchors) != 1:
+        anchor_counts = set(self.anchor_generator.num_anchors_per_location)
+        if len(anchor_counts) != 1:
             raise ValueError(f"RPNHead: every level needs the same number of anchors per location "
-                             f"(the head is shared), got {sorted(num_anchors)}")
-        channels, num_anchors = shapes[0].channels, num_anchors.pop()
+                             f"(the head is shared), got {sorted(anchor_counts)}")
+        channels, num_anchors = shapes[0].channels, anchor_counts.pop()
         self.conv = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(conv_depth))
         self.objectness = nn.Conv2d(channels, num_anchors, 1)
         self.deltas = nn.Conv2d(channels, num_anchors * 4, 1)
         for layer in self.modules():
             if isinstance(layer, nn.Conv2d):
                 nn.init.normal_(layer.weight, std=0.01)
+                assert layer.bias is not None  # every conv of the head is built with a bias
                 nn.init.zeros_(layer.bias)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)

@@ -116,6 +116,7 @@ class SemanticHead(SemSegHead):
             self.branches.append(nn.Sequential(*layers))
         self.predictor = nn.Conv2d(channels, self.num_classes, 1)
         nn.init.normal_(self.predictor.weight, std=0.01)
+        assert self.predictor.bias is not None  # nn.Conv2d's default bias=True
         nn.init.zeros_(self.predictor.bias)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
@@ -158,6 +159,7 @@ class DeepLabV3Head(SemSegHead):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, self.num_classes, 1)
         nn.init.normal_(self.classifier.weight, std=0.01)
+        assert self.classifier.bias is not None  # nn.Conv2d's default bias=True
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:

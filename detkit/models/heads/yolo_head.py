@@ -88,6 +88,8 @@ class YOLOHead(nn.Module):
         score_thr / nms_thr / pre_nms_topk / max_dets: inference settings.
     """
 
+    anchors: Tensor  # buffer Float[L, A, 2]
+
     def __init__(self, *, input_shapes: dict[str, ShapeSpec], num_classes: int,
                  anchors: Sequence[Sequence[Sequence[float]]] = COCO_ANCHORS,
                  in_features: Sequence[str] = ("p3", "p4", "p5"),
@@ -126,6 +128,7 @@ class YOLOHead(nn.Module):
 
     def _init_bias(self, prior_prob: float) -> None:
         for conv in self.predictors:
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None  # built in __init__
             nn.init.normal_(conv.weight, std=0.01)
             bias = conv.bias.detach().view(self.num_anchors, 5 + self.num_classes)
             bias.zero_()
@@ -163,19 +166,22 @@ class YOLOHead(nn.Module):
                                       priors.strides, priors.anchor_wh)             # [B, P, 4]
         obj_target = torch.zeros(raw.shape[:2], device=raw.device)
         obj_mask = torch.ones(raw.shape[:2], dtype=torch.bool, device=raw.device)
-        pos_image, pos_pred, pos_boxes, pos_labels = [], [], [], []
+        image_parts: list[Tensor] = []
+        pred_parts: list[Tensor] = []
+        box_parts: list[Tensor] = []
+        label_parts: list[Tensor] = []
         for i, target in enumerate(targets):
             gt_boxes, gt_labels, ignore_regions = _split_targets(target, raw.device)
             match = assign_anchors(gt_boxes, priors, self.multi_anchor_thr)
             obj_mask[i] = ~ignore_mask(pred_boxes[i], gt_boxes, ignore_regions, self.ignore_thr)
             obj_mask[i, match.pred_index] = True
             obj_target[i, match.pred_index] = 1.0
-            pos_image.append(torch.full_like(match.pred_index, i))
-            pos_pred.append(match.pred_index)
-            pos_boxes.append(gt_boxes[match.gt_index])
-            pos_labels.append(gt_labels[match.gt_index])
-        pos_image, pos_pred = torch.cat(pos_image), torch.cat(pos_pred)
-        pos_boxes, pos_labels = torch.cat(pos_boxes), torch.cat(pos_labels)
+            image_parts.append(torch.full_like(match.pred_index, i))
+            pred_parts.append(match.pred_index)
+            box_parts.append(gt_boxes[match.gt_index])
+            label_parts.append(gt_labels[match.gt_index])
+        pos_image, pos_pred = torch.cat(image_parts), torch.cat(pred_parts)
+        pos_boxes, pos_labels = torch.cat(box_parts), torch.cat(label_parts)
         pos_raw = raw[pos_image, pos_pred]                                          # [M, 5 + C]
 
         sizes = torch.tensor(image_sizes, dtype=raw.dtype, device=raw.device)[pos_image]  # (H, W)
@@ -211,7 +217,8 @@ class YOLOHead(nn.Module):
         """Per image ``boxes`` Float[K,4] xyxy (input pixels), ``scores`` Float[K], ``labels`` Int64[K]."""
         priors = self.priors(outputs)
         raw = self.flatten(outputs)
-        return [self._predict_image(raw[i], priors, tuple(image_sizes[i])) for i in range(len(raw))]
+        return [self._predict_image(raw[i], priors, (image_sizes[i][0], image_sizes[i][1]))
+                for i in range(len(raw))]
 
     def _predict_image(self, raw: Tensor, priors: YOLOPriors, image_size: tuple[int, int]) -> dict:
         # The k best (prediction, class) pairs all come from the k predictions with the best

@@ -28,8 +28,9 @@ def _pair(v) -> tuple[int, int]:
 class DeformConvBlock(nn.Module):
     """Deformable conv; Float[B,Cin,H,W] -> Float[B,Cout,Ho,Wo] with Conv2d's output size rule."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int | None = None, dilation: int = 1, groups: int = 1, *,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...] = 3,
+                 stride: int | tuple[int, ...] = 1, padding: int | tuple[int, ...] | None = None,
+                 dilation: int | tuple[int, ...] = 1, groups: int = 1, *,
                  bias: bool = True, version: int = 1, deform_groups: int = 1):
         super().__init__()
         if version not in (1, 2):
@@ -38,12 +39,11 @@ class DeformConvBlock(nn.Module):
             raise ValueError(f"DeformConvBlock: channels ({in_channels}, {out_channels}) not "
                              f"divisible by groups={groups}")
         k = _pair(kernel_size)
-        dilation = _pair(dilation)
-        if padding is None:
-            padding = (dilation[0] * (k[0] - 1) // 2, dilation[1] * (k[1] - 1) // 2)
+        dil = _pair(dilation)
+        pad = (dil[0] * (k[0] - 1) // 2, dil[1] * (k[1] - 1) // 2) if padding is None else padding
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = k, _pair(stride)
-        self.padding, self.dilation = _pair(padding), dilation
+        self.padding, self.dilation = _pair(pad), dil
         self.groups, self.version, self.deform_groups = groups, version, deform_groups
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -58,17 +58,21 @@ class DeformConvBlock(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         nn.init.zeros_(self.offset_conv.weight)
+        assert self.offset_conv.bias is not None  # built with bias=True
         nn.init.zeros_(self.offset_conv.bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, version: int = 1, deform_groups: int = 1) -> "DeformConvBlock":
         """A deformable conv with ``conv``'s geometry and a copy of its weights (and bias)."""
+        if isinstance(conv.padding, str):
+            raise ValueError(f"DeformConvBlock.from_conv: string padding {conv.padding!r} is not supported")
         block = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
                     version=version, deform_groups=deform_groups)
         with torch.no_grad():
             block.weight.copy_(conv.weight)
             if conv.bias is not None:
+                assert block.bias is not None  # built with bias=True above
                 block.bias.copy_(conv.bias)
         return block.to(conv.weight.device)
 

@@ -19,6 +19,11 @@ class FrozenBatchNorm2d(nn.Module):
     Input/output Float[B,C,H,W].
     """
 
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
         self.num_features = num_features
@@ -49,9 +54,11 @@ class FrozenBatchNorm2d(nn.Module):
         frozen = cls(bn.num_features, bn.eps)
         with torch.no_grad():
             if bn.affine:
+                assert bn.weight is not None and bn.bias is not None  # affine BN has both
                 frozen.weight.copy_(bn.weight)
                 frozen.bias.copy_(bn.bias)
             if bn.track_running_stats:
+                assert bn.running_mean is not None and bn.running_var is not None  # tracked stats
                 frozen.running_mean.copy_(bn.running_mean)
                 frozen.running_var.copy_(bn.running_var)
         return frozen

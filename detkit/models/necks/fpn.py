@@ -91,13 +91,15 @@ class FPN(nn.Module):
             _conv(out_channels, out_channels, 3, 1, norm) for _ in self.in_features)
         self.extra_convs = nn.ModuleList()
         if extra_levels in ("conv_c5", "conv_p5"):
-            first_in = input_shapes[self.in_features[-1]].channels if extra_levels == "conv_c5" else out_channels
+            first_in = (input_shapes[self.in_features[-1]].channels if extra_levels == "conv_c5"
+                        else out_channels)
             for i in range(self.num_extra):
                 self.extra_convs.append(_conv(first_in if i == 0 else out_channels, out_channels, 3, 2, norm))
         _init(self)
 
         last = self.in_features[-1]
-        self._shapes = {level_name(n): ShapeSpec(out_channels, input_shapes[n].stride) for n in self.in_features}
+        self._shapes = {level_name(n): ShapeSpec(out_channels, input_shapes[n].stride)
+                        for n in self.in_features}
         level, stride = int(level_name(last)[1:]), input_shapes[last].stride
         for i in range(1, self.num_extra + 1):
             self._shapes[f"p{level + i}"] = ShapeSpec(out_channels, stride * 2 ** i)

@@ -42,7 +42,7 @@ class DetectionBlock(nn.Module):
         def conv(i: int, c: int, k: int) -> ConvNormAct:
             return ConvNormAct(i, c, k, norm=norm, act=act)
 
-        layers = [conv(in_channels, o, 1), conv(o, 2 * o, 3), conv(2 * o, o, 1)]
+        layers: list[nn.Module] = [conv(in_channels, o, 1), conv(o, 2 * o, 3), conv(2 * o, o, 1)]
         if spp:
             layers += [SpatialPyramidPooling((5, 9, 13)), conv(4 * o, o, 1)]
         layers += [conv(o, 2 * o, 3), conv(2 * o, o, 1)]
