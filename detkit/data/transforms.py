@@ -235,11 +235,12 @@ def build_transform(cfg: dict, path: str):
     if name in TRANSFORMS:
         cls = TRANSFORMS.get(name, f"{path}.type")
     else:
-        cls = getattr(A, str(name), None)
-        if not (inspect.isclass(cls) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
+        album_cls = getattr(A, str(name), None)
+        if not (inspect.isclass(album_cls) and issubclass(album_cls, (A.BasicTransform, A.BaseCompose))):
             raise ConfigError(f"{path}.type: unknown transform '{name}'"
                               f"{closest(name, TRANSFORMS.names() + _albumentations_names())}; use a detkit "
                               f"transform ({', '.join(TRANSFORMS.names())}) or any albumentations transform")
+        cls = album_cls
     if isinstance(kwargs.get("transforms"), list):   # OneOf / SomeOf / Sequential
         kwargs["transforms"] = [build_transform(c, f"{path}.transforms.{i}")
                                 for i, c in enumerate(kwargs["transforms"])]

@@ -26,8 +26,8 @@ from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.conv import ConvNormAct
 from ..pretrained import read_backbone_weights
-from ._frozen import FrozenStagesBackbone
 from ..utils import load_state_dict_checked
+from ._frozen import FrozenStagesBackbone
 
 __all__ = ["Darknet53", "DarknetBottleneck"]
 
@@ -85,7 +85,7 @@ class Darknet53(FrozenStagesBackbone):
         for i in range(self.num_stages):
             out_ch = scale_channels(_CHANNELS[i], width_mult)
             blocks = max(1, int(round(_BLOCKS[i] * depth_mult)))
-            layers = [ConvNormAct(in_ch, out_ch, 3, stride=2, norm=norm, act=act)]
+            layers: list[nn.Module] = [ConvNormAct(in_ch, out_ch, 3, stride=2, norm=norm, act=act)]
             layers += [DarknetBottleneck(out_ch, norm=norm, act=act) for _ in range(blocks)]
             setattr(self, f"stage{i + 1}", nn.Sequential(*layers))
             self._channels[_STAGES[i]] = in_ch = out_ch

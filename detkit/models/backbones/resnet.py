@@ -15,7 +15,7 @@ Stages after the deepest requested output are removed.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torchvision
 from torch import Tensor, nn
@@ -27,8 +27,8 @@ from ...structures import ShapeSpec
 from ..layers.deform_conv import DeformConvBlock
 from ..layers.frozen_bn import FrozenBatchNorm2d
 from ..pretrained import read_backbone_weights
-from ._frozen import FrozenStagesBackbone
 from ..utils import load_state_dict_checked
+from ._frozen import FrozenStagesBackbone
 
 __all__ = ["ResNet"]
 
@@ -43,7 +43,8 @@ def _dilate_stage(layer: nn.Sequential, previous: int, dilation: int) -> None:
     The strided conv of the first block keeps the previous stage's dilation (it still sees the
     previous resolution); every later 3x3 conv gets ``dilation``.
     """
-    for i, block in enumerate(layer):
+    blocks: list[Any] = list(layer)   # torchvision's BasicBlock / Bottleneck (untyped)
+    for i, block in enumerate(blocks):
         convs = [block.conv1, block.conv2] if isinstance(block, BasicBlock) else [block.conv2]
         for conv in convs:
             strided = conv.stride != (1, 1)

@@ -16,7 +16,7 @@ Usage (also what ``TwoStageDetector`` does)::
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -220,10 +220,12 @@ class RoIHead(RoIHeadBase):
         self.pooler = roi_pooler if roi_pooler is not None else make_pooler(
             self.in_features, [input_shapes[f].stride for f in self.in_features],
             pooler_resolution, sampling_ratio, canonical_scale, canonical_level)
-        self.box_head = box_head if box_head is not None else TwoMLPHead(
+        # Any module with an ``out_dim`` (TwoMLPHead, Res5Head, a conv head, a user's head).
+        head: Any = box_head if box_head is not None else TwoMLPHead(
             **box_head_inputs(self.pooler, channels, pooler_resolution))
-        self.cls_score = nn.Linear(self.box_head.out_dim, num_classes + 1)
-        self.bbox_pred = nn.Linear(self.box_head.out_dim, 4 * (1 if self.class_agnostic_box else num_classes))
+        self.box_head = head
+        self.cls_score = nn.Linear(head.out_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(head.out_dim, 4 * (1 if self.class_agnostic_box else num_classes))
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.cls_score.bias)
@@ -272,8 +274,9 @@ def box_head_inputs(pooler: nn.Module | None, channels: int, resolution: int) ->
     RoIAlign gives Float[R, ch, r, r]; a pooler with ``output_dim`` (SPP) gives a fixed-length
     vector per RoI, shaped Float[R, output_dim, 1, 1].
     """
-    if pooler is not None and hasattr(pooler, "output_dim"):
-        return {"in_channels": pooler.output_dim(channels), "resolution": 1}
+    output_dim = getattr(pooler, "output_dim", None)
+    if callable(output_dim):
+        return {"in_channels": output_dim(channels), "resolution": 1}
     return {"in_channels": channels, "resolution": resolution}
 
 
@@ -340,12 +343,14 @@ class Res5Head(nn.Module):
     def __init__(self, *, in_channels: int, resolution: int, depth: int = 50, norm: str = "BN",
                  weights: str | None = None):
         super().__init__()
-        self.layer4 = ResNet(depth=depth, out_features=["c5"], norm=norm, weights=weights).layer4
-        expected = self.layer4[0].conv1.in_channels
+        self.layer4 = cast(nn.Sequential,
+                           ResNet(depth=depth, out_features=["c5"], norm=norm, weights=weights).layer4)
+        blocks: list[Any] = list(self.layer4)   # torchvision Bottleneck / BasicBlock (untyped)
+        expected = blocks[0].conv1.in_channels
         if in_channels != expected:
             raise ValueError(f"Res5Head(depth={depth}) expects {expected}-channel RoI features "
                              f"(ResNet-{depth} c4), got {in_channels}")
-        self.out_dim = 512 * self.layer4[-1].expansion
+        self.out_dim = 512 * blocks[-1].expansion
         self.resolution = resolution
 
     def forward(self, x: Tensor) -> Tensor:
