@@ -19,8 +19,14 @@ from .. import __version__
 from ..config import dump_config
 from ..registry import ConfigError
 from . import checkpoint as ckpt_io
-from .dist import (all_gather_object, all_reduce_tensor, barrier, broadcast_buffers, broadcast_object,
-                   init_distributed)
+from .dist import (
+    all_gather_object,
+    all_reduce_tensor,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    init_distributed,
+)
 from .ema import ModelEMA
 from .evaluate import build_val, inference_on_loader
 from .logging import TrainLogger, WindowMeter
@@ -66,7 +72,8 @@ class Trainer:
         # float16 needs loss scaling against gradient underflow; bfloat16 has float32's range.
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_enabled and self.amp_dtype == torch.float16)
-        self.iter, self.skipped_steps, self.best = 0, 0, None
+        self.iter, self.skipped_steps = 0, 0
+        self.best: dict | None = None
         # SIGTERM: the handler while train() runs, and whether some rank had it (agreed by all).
         self._stop_signal: StopSignal | None = None
         self._stop_agreed, self._saved_last_at = False, -1
@@ -126,8 +133,9 @@ class Trainer:
         for k, (images, targets) in enumerate(batches):
             images = [im.to(self.device, non_blocking=True) for im in images]
             # DDP all-reduces gradients only on the last micro-batch of the accumulation.
-            sync = k == len(batches) - 1 or not self.dist.distributed
-            with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()):
+            ddp = self.ddp_model if isinstance(self.ddp_model, DistributedDataParallel) else None
+            sync = k == len(batches) - 1 or ddp is None
+            with (contextlib.nullcontext() if sync or ddp is None else ddp.no_sync()):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
                     losses = self.ddp_model(images, targets)
                 reduced = self._reduce_and_check(losses)
@@ -213,7 +221,7 @@ class Trainer:
         Returns the last evaluation results (None when there was no evaluation).
         """
         end = self.max_iters if stop_after is None else min(self.max_iters, self.iter + stop_after)
-        self.last_eval = None
+        self.last_eval: dict | None = None
         if self.iter >= end:
             self.logger.info(f"nothing to train: already at iteration {self.iter} of {self.max_iters}")
             self.logger.close()
@@ -360,7 +368,7 @@ class Trainer:
             print(msg, flush=True)
 
     def _find_resume(self, resume: bool | str | Path) -> tuple[str, dict] | None:
-        explicit = None if resume is True else resume
+        explicit = None if isinstance(resume, bool) else resume
         # Rank 0 chooses (and reports fallbacks once); the others load the file it chose.
         found = None
         if self.dist.is_main:
