@@ -207,7 +207,9 @@ def run(args: argparse.Namespace) -> None:
     knn_file = saved.work_dir / "knn.json"
     knn = json.loads(knn_file.read_text()) if knn_file.is_file() else None
     methods = [m for m in METHODS if (saved.work_dir / m).is_dir()]
-    fractions = sorted({float(p.name.rsplit("_", 1)[1]) for p in saved.work_dir.glob("ft_scratch_*")})
+    # the fine-tuning work dirs (the driver's .log files beside them share the prefix)
+    fractions = sorted({float(p.name.rsplit("_", 1)[1]) for p in saved.work_dir.glob("ft_scratch_*")
+                        if p.is_dir()})
     if not fractions:
         print(f"no results in {saved.work_dir}; measure with: python "
               f"tools/benchmarks/self_supervised.py --lock /tmp/detkit_heavy.lock")
