@@ -61,8 +61,10 @@ def test_other_methods_train_and_log_feature_std(tmp_path, name):
 @pytest.mark.slow
 def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):
     cfg = REPO / "configs/pretrain/byol_r18_shapes.yaml"
+    make_folder(tmp_path / "data/train", count=2)   # the config's img_dir; no generated shapes needed
     proc = subprocess.run([sys.executable, str(REPO / "tools/pretrain.py"), str(cfg), "--work-dir",
-                           str(tmp_path), "--set", "model.base_momentun=0.9"],
+                           str(tmp_path / "run"), "--set", f"data.root={tmp_path / 'data'}",
+                           "data.train.batch_size=2", "model.base_momentun=0.9"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.base_momentun" in proc.stderr and "did you mean 'base_momentum'" in proc.stderr
