@@ -19,11 +19,12 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import DetkitError
 
-__all__ = ["run_cli", "add_debug_flag", "user_message", "USER_ERRORS"]
+__all__ = ["run_cli", "add_debug_flag", "user_message", "USER_ERRORS", "training_parser", "run_training"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DetkitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -79,3 +80,45 @@ def run_cli(main: Callable[[list[str] | None], int], argv: Sequence[str] | None 
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     print(_prefix() + user_message(error), file=sys.stderr, flush=True)
     return code
+
+
+def training_parser(description: str | None, *, config_help: str,
+                    set_example: str) -> argparse.ArgumentParser:
+    """The options of every engine-driven tool (``tools/train.py``, ``tools/pretrain.py``)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                        help="continue from CKPT, or without a value from the newest readable "
+                             "checkpoint in the work dir")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help=f"config overrides, e.g. {set_example}")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="seed everything and use deterministic algorithms (slower)")
+    add_debug_flag(parser)
+    return parser
+
+
+def run_training(train: Callable[..., object], args: argparse.Namespace) -> int:
+    """``train(cfg, work_dir, resume=, deterministic=)`` for the parsed ``training_parser`` options.
+
+    Returns 0, or the signal's exit code (143) after a SIGTERM that saved ``last.pth``: torchrun
+    counts it as a failure and restarts the workers when it has restarts left. Other errors
+    propagate to :func:`run_cli`. The process group is torn down in every case.
+    """
+    # imported here: the engine (torch, the models) is not needed to print --help or an error
+    from .config import load_config
+    from .engine.dist import cleanup_distributed
+    from .engine.preemption import TrainingInterrupted
+
+    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, work_dir, resume=args.resume, deterministic=args.deterministic)
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        cleanup_distributed()
+    return 0

@@ -194,3 +194,21 @@ def test_missing_annotation_file_and_image_folder(tmp_path, capsys, monkeypatch,
         assert main([*args, "--set", f"data.root={root}", override]) == 2
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err and err.startswith("error: ")
+
+
+def test_run_training_gives_every_engine_tool_the_sigterm_exit_code():
+    """tools/train.py and tools/pretrain.py share run_training: a SIGTERM that saved last.pth
+    ends with 143 (torchrun restarts the workers), the config and work dir reach the engine."""
+    from detkit.cli import run_training, training_parser
+    from detkit.engine.preemption import TrainingInterrupted
+
+    seen = {}
+
+    def interrupted(cfg, work_dir, *, resume, deterministic):
+        seen.update(model=cfg["model"]["type"], work_dir=work_dir, resume=resume)
+        raise TrainingInterrupted(5)
+
+    parser = training_parser(None, config_help="config", set_example="a=1")
+    args = parser.parse_args([str(REPO / "configs/pretrain/byol_r18_shapes.yaml"), "--resume"])
+    assert run_training(interrupted, args) == 143
+    assert seen == {"model": "BYOL", "work_dir": Path("work_dirs/byol_r18_shapes"), "resume": True}

@@ -19,39 +19,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detkit.cli import add_debug_flag, run_cli  # noqa: E402
-from detkit.config import load_config  # noqa: E402
+from detkit.cli import run_cli, run_training, training_parser  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML pre-training config (configs/pretrain/)")
-    parser.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                        help="continue from CKPT, or without a value from the newest readable "
-                             "checkpoint in the work dir")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="config overrides, e.g. train.max_iters=200 data.train.batch_size=32")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="seed everything and use deterministic algorithms (slower)")
-    add_debug_flag(parser)
-    return parser.parse_args(argv)
+    return training_parser(__doc__, config_help="YAML pre-training config (configs/pretrain/)",
+                           set_example="train.max_iters=200 data.train.batch_size=32").parse_args(argv)
 
 
 def pretrain_main(argv=None) -> int:
     """Pre-train; raises on errors (``main`` reports them)."""
     args = parse_args(argv)
-    from detkit.engine.dist import cleanup_distributed
     from detkit.ssl import pretrain
 
-    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        pretrain(cfg, work_dir, resume=args.resume, deterministic=args.deterministic)
-    finally:
-        cleanup_distributed()
-    return 0
+    return run_training(pretrain, args)
 
 
 def main(argv=None) -> int:

@@ -29,43 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detkit.cli import add_debug_flag, run_cli  # noqa: E402
-from detkit.config import load_config  # noqa: E402
+from detkit.cli import run_cli, run_training, training_parser  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                        help="continue from CKPT, or without a value from the newest readable "
-                             "checkpoint in the work dir")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="config overrides, e.g. train.max_iters=1000 data.train.batch_size=8")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="seed everything and use deterministic algorithms (slower)")
-    add_debug_flag(parser)
-    return parser.parse_args(argv)
+    return training_parser(__doc__, config_help="YAML config file",
+                           set_example="train.max_iters=1000 data.train.batch_size=8").parse_args(argv)
 
 
 def train_main(argv=None) -> int:
     """Train; raises on errors (``main`` reports them)."""
     args = parse_args(argv)
     from detkit.engine import train
-    from detkit.engine.dist import cleanup_distributed
-    from detkit.engine.preemption import TrainingInterrupted
 
-    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg, work_dir, resume=args.resume, deterministic=args.deterministic)
-    except TrainingInterrupted as e:  # SIGTERM: last.pth saved; 143 tells torchrun it did not finish
-        print(e, file=sys.stderr, flush=True)
-        return e.exit_code
-    finally:
-        cleanup_distributed()
-    return 0
+    return run_training(train, args)
 
 
 def main(argv=None) -> int:
