@@ -8,7 +8,8 @@
 Same engine, options and outputs as ``tools/train.py`` (``config.yaml``, ``metrics.jsonl`` with
 the loss and ``feature_std``, ``tensorboard/``, ``last.pth``, ``iter_N.pth``). Fine-tune a
 detector from the result with ``--set model.backbone.weights=WORK_DIR/last.pth``. Exit code 2
-for a bad config, checkpoint or argument, 1 for a training failure (e.g. a non-finite loss).
+for a bad config, checkpoint or argument, 1 for a training failure (e.g. a non-finite loss),
+143 after a SIGTERM that saved ``last.pth`` (as ``tools/train.py``).
 """
 
 from __future__ import annotations
