@@ -71,9 +71,16 @@ class MaskRoIHead(nn.Module):
         self.mask_size = 2 * int(pooler_resolution)
         self.loss_weight = float(loss_weight)
         self.mask_threshold = float(mask_threshold)
-        for m in (*self.convs, self.deconv, self.logits):   # torchvision's initialisation
+        for m in (*self.convs, self.deconv):   # He (fan-out) initialisation, as torchvision / Detectron2
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
+        # The per-class logits start near 0 (N(0, 0.001^2), Detectron2's choice; torchvision uses He
+        # init here too): an untrained branch then predicts 0.5 everywhere (loss_mask = ln 2). He init
+        # gives |logits| of several units, loss_mask ~3.4 and backbone/FPN gradients ~30x the box
+        # losses' in the first steps, which fill AdamW's second-moment estimates and slow the box and
+        # RPN learning of the shared layers for hundreds of iterations (shapes: bbox AP50 0.761 vs 0.874).
+        nn.init.normal_(self.logits.weight, std=0.001)
+        nn.init.zeros_(self.logits.bias)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_sizes: Sequence[tuple[int, int]]) -> Tensor:
