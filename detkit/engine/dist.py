@@ -19,6 +19,7 @@ prefix that rank 0 draws afresh and hands to every rank that asked for it after 
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -96,6 +97,10 @@ def init_distributed(timeout_minutes: float = 30.0, init_timeout_minutes: float 
                            device=device if use_cuda else None,
                            timeout=timedelta(minutes=timeout_minutes),
                            init_timeout=timedelta(minutes=init_timeout_minutes))
+        # Leave the group before interpreter teardown even when the caller does not: after a retried
+        # join, a gloo group still alive when the process exits can abort it ("terminate called
+        # without an active exception", seen in about 1 of 4 runs under load).
+        atexit.register(cleanup_distributed)
     return DistInfo(rank, world_size, local_rank, device)
 
 
