@@ -130,12 +130,12 @@ class Trainer:
         """One optimizer step over K micro-batches: autocast -> sum(losses) -> scaled backward -> step."""
         self.ddp_model.train()
         losses_sum: dict[str, float] = {}
+        ddp = self.ddp_model if isinstance(self.ddp_model, DistributedDataParallel) else None
         for k, (images, targets) in enumerate(batches):
             images = [im.to(self.device, non_blocking=True) for im in images]
             # DDP all-reduces gradients only on the last micro-batch of the accumulation.
-            ddp = self.ddp_model if isinstance(self.ddp_model, DistributedDataParallel) else None
-            sync = k == len(batches) - 1 or ddp is None
-            with (contextlib.nullcontext() if sync or ddp is None else ddp.no_sync()):
+            last = k == len(batches) - 1
+            with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
                     losses = self.ddp_model(images, targets)
                 reduced = self._reduce_and_check(losses)
