@@ -1,7 +1,8 @@
 """YAML configs: ``_base_`` inheritance, ``a.b=value`` overrides, dumping, validation.
 
-A config is data, never code: files are read with ``yaml.safe_load`` (a ``!!python/...`` tag is
-refused). A file may list ``_base_: [a.yaml, b.yaml]`` (paths relative to that file, or absolute;
+A config is data, never code: files are read with :func:`load_yaml` (``yaml.safe_load`` plus
+YAML 1.2 floats, so ``lr: 1e-4`` is a number, not the string PyYAML's YAML 1.1 makes of it;
+a ``!!python/...`` tag is refused). A file may list ``_base_: [a.yaml, b.yaml]`` (paths relative to that file, or absolute;
 ``~`` is expanded); bases are deep-merged in order, then the file itself on top. Bases may have
 bases to any depth (your config on your config on a shipped COCO config); a file that reaches
 itself again is an error naming the whole chain. A key ``_delete_: true`` inside a mapping
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,7 +25,7 @@ import yaml
 
 from .registry import ConfigError, closest
 
-__all__ = ["ConfigError", "load_config", "merge", "apply_overrides", "dump_config",
+__all__ = ["ConfigError", "load_config", "load_yaml", "merge", "apply_overrides", "dump_config",
            "get_path", "check_keys", "propagate_ignore_index"]
 
 # Where data.ignore_index goes: the Segmentor's head (loss), the SegEvaluator (scores), the
@@ -32,12 +34,27 @@ _IGNORE_TARGETS = {"SegEvaluator": "ignore_index", "SemanticSegDataset": "ignore
                    "Letterbox": "mask_pad_value", "PadToMultiple": "mask_pad_value"}
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 exponent floats without a dot (``1e-4``, ``5E+3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def load_yaml(stream) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats: ``1e-4`` is 0.0001 (PyYAML alone: the string '1e-4')."""
+    return yaml.load(stream, Loader=_Loader)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except yaml.constructor.ConstructorError as e:
         raise ConfigError(f"{path}: unsupported YAML tag (configs are plain data; python tags are "
                           f"refused): {e.problem} {e.problem_mark}") from None
@@ -86,7 +103,7 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
 
 def _parse_scalar(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return load_yaml(text) if text.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {where}: cannot parse value {text!r}: {e}") from None
 

@@ -31,10 +31,9 @@ from typing import Any, Sequence, TypeGuard
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
-from .config import ConfigError, get_path, load_config
+from .config import ConfigError, get_path, load_config, load_yaml
 from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 __all__ = ["Predictor", "CheckpointError", "InferencePipeline", "load_predictor_weights",
@@ -123,7 +122,7 @@ def _resolve_config(config, ckpt: dict | None, checkpoint) -> dict:
         raise ConfigError("Predictor: no config given and "
                           + (f"{checkpoint} does not contain one" if ckpt is not None
                              else "no checkpoint to read one from"))
-    cfg = yaml.safe_load(text)
+    cfg = load_yaml(text)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{checkpoint}: the stored config is not a mapping")
     return cfg

@@ -163,3 +163,15 @@ def test_every_shipped_config_loads():
         cfg = load_config(path)
         assert isinstance(cfg, dict) and cfg, path
         yaml.safe_dump(cfg)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-4`` as a string, which reached the optimizer as lr='1e-4' and
+    failed there with "'<' not supported between 'str' and 'float'"; files and --set read it as YAML 1.2."""
+    path = write(tmp_path / "c.yaml", """
+        train: {optimizer: {lr: 1e-4, weight_decay: 5E-2}, max_iters: 10, eps: .5e1, name: "1e-4"}
+    """)
+    cfg = load_config(path)
+    assert cfg["train"]["optimizer"] == {"lr": 1e-4, "weight_decay": 0.05}
+    assert cfg["train"]["eps"] == 5.0 and cfg["train"]["name"] == "1e-4"   # quoted stays a string
+    assert apply_overrides(cfg, ["train.optimizer.lr=2e-3"])["train"]["optimizer"]["lr"] == 2e-3

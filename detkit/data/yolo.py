@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from ..config import load_yaml
 from ..errors import DatasetError, note_once, warn_once
 from ..registry import DATASETS, ConfigError
 from .base import BoxChecker, DetectionDataset, ImageRecord, require_dir, require_file, resolve_path
@@ -97,7 +98,7 @@ def read_data_yaml(path: Path, split: str) -> tuple[list[Path], list[str]]:
     """The image sources (folders or .txt lists, absolute) of ``split`` and the class names."""
     require_file(path, "YoloDetection: data_yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise DatasetError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict) or "names" not in data:

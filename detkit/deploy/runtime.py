@@ -21,9 +21,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
+from ..config import load_yaml
 from ..models.detectors.base import IMAGENET_MEAN, Detector
 
 __all__ = ["DeployedModel", "is_exported", "BACKENDS"]
@@ -72,7 +72,7 @@ class DeployedModel:
     def stored_config(self) -> dict | None:
         """The resolved config stored at export (``None`` when the metadata has none)."""
         text = self.runtime.info.get("config")
-        cfg = yaml.safe_load(text) if isinstance(text, str) else None
+        cfg = load_yaml(text) if isinstance(text, str) else None
         return cfg if isinstance(cfg, dict) else None
 
     def batch(self, images: Sequence[Tensor]) -> np.ndarray:
