@@ -4,6 +4,7 @@ Config (``train.optimizer``)::
 
     {type: SGD, lr: 0.02, momentum: 0.9, nesterov: false, weight_decay: 1.0e-4}
     {type: AdamW, lr: 1.0e-4, betas: [0.9, 0.999], weight_decay: 0.05}
+    {type: LARS, lr: 0.3, momentum: 0.9, weight_decay: 1.0e-6, eta: 0.001}    # detkit.engine.lars
     # detkit keys (not passed to torch): weight_decay_norm (default 0.0), weight_decay_bias (0.0)
 
 Config (``train.scheduler``), all positions in iterations (= optimizer steps) after the trainer
@@ -24,10 +25,11 @@ import torch
 from torch import nn
 
 from ..registry import ConfigError, check_kwargs, closest
+from .lars import LARS
 
 __all__ = ["build_optimizer", "param_groups", "WarmupScheduler", "build_scheduler", "lr_factor"]
 
-OPTIMIZERS = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
+OPTIMIZERS = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW, "LARS": LARS}
 SCHEDULES = ("multistep", "cosine", "poly")
 # nn.GroupNorm/LayerNorm/BatchNorm*/SyncBatchNorm/FrozenBN all have "norm" semantics: their
 # affine parameters should not be pulled towards zero (it would fight the normalisation).
@@ -66,7 +68,7 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
 
 
 def build_optimizer(model: nn.Module, cfg: dict, path: str = "train.optimizer") -> torch.optim.Optimizer:
-    """SGD or AdamW over :func:`param_groups`; other keys are the torch optimizer's arguments."""
+    """SGD, AdamW or LARS over :func:`param_groups`; other keys are the torch optimizer's arguments."""
     cfg = dict(cfg)
     name = cfg.pop("type", None)
     if name not in OPTIMIZERS:

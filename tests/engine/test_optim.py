@@ -100,3 +100,31 @@ def test_scheduler_state_roundtrip():
     assert sched2.get_last_lr() == sched.get_last_lr()
     assert sched.get_last_lr()[0] == pytest.approx((1 - 5 / 10) ** 2)
     assert not math.isnan(sched2.get_last_lr()[0])
+
+
+def test_lars_matches_the_layerwise_trust_ratio_formula():
+    """Two steps by hand: u = g + wd w, scaled by eta ||w|| / ||u|| for >= 2-D tensors only
+    (biases / norm affine are not adapted and, via param_groups, not decayed), then momentum."""
+    torch.manual_seed(0)
+    net = _net()
+    opt = build_optimizer(net, {"type": "LARS", "lr": 0.5, "momentum": 0.9, "weight_decay": 0.01,
+                                "eta": 0.02})
+    x = torch.randn(4, 3, 3, 3)
+    params = [p for p in net.parameters()]
+    w = [p.detach().clone() for p in params]
+    bufs: list = [None] * len(params)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        for i, p in enumerate(params):
+            decayed = p.ndim > 1          # _net: conv and linear weights; BN/GN/bias get wd 0
+            u = p.grad + 0.01 * w[i] if decayed else p.grad.clone()
+            if p.ndim > 1:
+                u = u * (0.02 * w[i].norm() / u.norm())
+            bufs[i] = u if bufs[i] is None else 0.9 * bufs[i] + u
+            w[i] = w[i] - 0.5 * bufs[i]
+        opt.step()
+        for i, p in enumerate(params):
+            torch.testing.assert_close(p.detach(), w[i], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="eta > 0"):
+        build_optimizer(_net(), {"type": "LARS", "lr": 0.1, "eta": 0.0})
