@@ -2,11 +2,12 @@
 
 A config is data, never code: files are read with :func:`load_yaml` (``yaml.safe_load`` plus
 YAML 1.2 floats, so ``lr: 1e-4`` is a number, not the string PyYAML's YAML 1.1 makes of it;
-a ``!!python/...`` tag is refused). A file may list ``_base_: [a.yaml, b.yaml]`` (paths relative to that file, or absolute;
-``~`` is expanded); bases are deep-merged in order, then the file itself on top. Bases may have
-bases to any depth (your config on your config on a shipped COCO config); a file that reaches
-itself again is an error naming the whole chain. A key ``_delete_: true`` inside a mapping
-replaces the inherited mapping instead of merging into it.
+a ``!!python/...`` tag is refused). A file may list ``_base_: [a.yaml, b.yaml]`` (paths
+relative to that file, or absolute; ``~`` is expanded); bases are deep-merged in order, then
+the file itself on top. Bases may have bases to any depth (your config on your config on a
+shipped COCO config); a file that reaches itself again is an error naming the whole chain.
+A key ``_delete_: true`` inside a mapping replaces the inherited mapping instead of merging
+into it.
 
 Segmentation has one key for the ignored mask value: ``data.ignore_index`` (255 when absent).
 :func:`load_config` copies it to every place that needs it (see :func:`propagate_ignore_index`),

@@ -44,7 +44,8 @@ class LARS(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                update = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
+                wd = group["weight_decay"]
+                update = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
                 if not (group["exclude_1d"] and p.ndim <= 1):
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
                     trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
