@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from ..data.base import resolve_path
 from ..data.builder import build_dataset_node
 from ..data.io import ImageReadError, read_image
-from ..registry import DATASETS, ConfigError
+from ..registry import DATASETS, ConfigError, construct
+from .regions import ProposalCrops
 from .views import MultiView, build_views
 
 __all__ = ["ImageFolder", "MultiViewDataset", "IMAGE_EXTENSIONS"]
@@ -82,14 +83,18 @@ class MultiViewDataset(Dataset):
     """Views of the images of ``dataset`` (see the module docstring); labels are never read.
 
     The split's ``pipeline`` (e.g. a ``ResizeShortestEdge`` for large photos) runs on each image
-    before the views are cut from it.
+    before the views are cut from it. ``proposal_crops`` (an :class:`~detkit.ssl.regions.ProposalCrops`)
+    first narrows each image to one dilated unsupervised object proposal, shared by all its views.
     """
 
-    def __init__(self, *, dataset: Any, views: MultiView, transforms=None):
+    def __init__(self, *, dataset: Any, views: MultiView, transforms=None,
+                 proposal_crops: ProposalCrops | None = None):
         if not callable(getattr(dataset, "get_raw_checked", None)):
             raise ValueError(f"MultiViewDataset: source {type(dataset).__name__} has no get_raw_checked(); "
                              f"use ImageFolder or a detkit detection/segmentation dataset")
         self.dataset, self.views, self.transforms = dataset, views, transforms
+        self.proposal_crops = proposal_crops
+        self._rng = np.random.default_rng(0)
 
     @classmethod
     def from_config(cls, cfg: dict, *, path: str, root=None, transforms=None):
@@ -97,14 +102,19 @@ class MultiViewDataset(Dataset):
         for key in ("source", "views"):
             if key not in cfg:
                 raise ConfigError(f"{path}: MultiViewDataset needs '{key}'")
-        unknown = set(cfg) - {"source", "views"}
+        unknown = set(cfg) - {"source", "views", "proposal_crops"}
         if unknown:
             raise ConfigError(f"{path}.{sorted(unknown)[0]}: unknown key; MultiViewDataset takes "
-                              f"source and views")
+                              f"source, views and proposal_crops")
         source = build_dataset_node(cfg["source"], f"{path}.source", root=root)
         views = build_views(cfg["views"], f"{path}.views")
+        crops = cfg.get("proposal_crops")
+        if crops is not None and not isinstance(crops, dict):
+            raise ConfigError(f"{path}.proposal_crops: expected a mapping ({{p: 1.0, dilate: [1.5, 2.5]}}), "
+                              f"got {crops!r}")
         try:
-            return cls(dataset=source, views=views, transforms=transforms)
+            proposals = None if crops is None else construct(ProposalCrops, crops, f"{path}.proposal_crops")
+            return cls(dataset=source, views=views, transforms=transforms, proposal_crops=proposals)
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
 
@@ -113,6 +123,7 @@ class MultiViewDataset(Dataset):
 
     def set_seed(self, seed: int) -> None:
         self.views.set_seed(seed)
+        self._rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x0B7EC7]))
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         raw = self.dataset.get_raw_checked(index)
@@ -120,6 +131,8 @@ class MultiViewDataset(Dataset):
         if self.transforms is not None and getattr(self.transforms, "compose", None) is not None:
             image = self.transforms({"image": image, "boxes": np.zeros((0, 4), np.float32),
                                      "labels": np.zeros(0, np.int64)})["image"]
+        if self.proposal_crops is not None:
+            image = self.proposal_crops(image, self._rng)
         global_views, local_views = self.views(image)
         target: dict = {"image_id": int(raw.get("image_id", index))}
         if local_views:
