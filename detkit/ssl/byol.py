@@ -7,7 +7,8 @@ stop-gradient. Both symmetrise the loss over the two views; the online encoder i
 
 BYOL paper defaults kept: projector and predictor 2-layer MLPs with BN (4096 hidden, 256 out),
 ``2 - 2 cos`` summed over both directions, tau from 0.996 to 1 by the cosine schedule over the
-run. Deviations: SGD/AdamW instead of LARS; the shapes config uses 1024-d hidden layers.
+run; LARS (``train.optimizer.type: LARS``, as in the shapes config). Deviation: the shapes config
+uses 1024-d hidden layers.
 
 SimSiam paper defaults kept: 3-layer projector with BN on every layer (the output BN without
 affine), 2-layer bottleneck predictor (512 hidden), ``D(p1, sg(z2))/2 + D(p2, sg(z1))/2`` with

@@ -7,8 +7,10 @@ process of batch WB.
 
 Paper defaults kept: 2-layer projection head with BN to 128-d, cosine similarity with
 temperature (``temperature`` 0.5 as in the paper's base setting; 0.1-0.2 suits small batches).
-Deviations: SGD/AdamW from the trainer instead of LARS (the batch here is tens, not thousands);
-global BN across GPUs is ``train.sync_bn: true`` (CUDA only; on CPU BN stays per process).
+The paper's LARS optimizer is ``train.optimizer.type: LARS`` (:mod:`detkit.engine.lars`; the
+shapes config uses it). Deviations: any trainer optimizer may be chosen instead (SGD drifted the
+stem to colour-averaging kernels in short runs, README "Self-supervised pre-training"); global BN
+across GPUs is ``train.sync_bn: true`` (CUDA only; on CPU BN stays per process).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
     python tools/benchmarks/self_supervised.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
         [--pretrain-iters 120] [--pretrain-batch 32] [--finetune-iters 150]
-        [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock]
+        [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock] [--pretrain-set k=v ...]
 
 For each method: ``tools/pretrain.py configs/pretrain/<method>_r18_shapes.yaml`` at the given
 budget; then for each label fraction CenterNet-R18 (``configs/centernet/centernet_r18_shapes.yaml``)
@@ -14,8 +14,9 @@ as the bank, val objects as queries, 64 x 64) checks the representations. Steps 
 exist are skipped, so an interrupted run continues. ``--lock``: each training holds this file
 lock (flock) so that heavy jobs of a shared machine run one at a time; times exclude the wait
 (they are the sums of the logged step times). ``tools/benchmark.py self_supervised`` prints the
-table of the results already in ``--work-dir``. (Not named ``ssl.py``: run as a script, that name would
-shadow Python's ``ssl`` module.)
+table of the results already in ``--work-dir``. ``--pretrain-set`` passes overrides to every
+pre-training (a recipe variant: use its own ``--work-dir``). (Not named ``ssl.py``: run as a
+script, that name would shadow Python's ``ssl`` module.)
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def pretrain(args, method: str) -> Path:
         cmd = [sys.executable, "tools/pretrain.py", f"configs/pretrain/{method}_r18_shapes.yaml",
                "--work-dir", str(run), "--set", f"train.max_iters={args.pretrain_iters}",
                f"data.train.batch_size={args.pretrain_batch}", "data.train.num_workers=1",
-               "train.checkpoint.interval=50", *METHOD_SET.get(method, [])]
+               "train.checkpoint.interval=50", *METHOD_SET.get(method, []), *args.pretrain_set]
         print("running:", " ".join(cmd), flush=True)
         run_locked(cmd, args.lock, args.work_dir / f"{method}.log")
     return run / "last.pth"
@@ -126,6 +127,18 @@ def knn_accuracy(weights: Path | None, crops) -> float:
     return float((predicted == labels).float().mean())
 
 
+def stem_lowpass(weights: Path | None) -> float:
+    """||spatial mean of conv1's 7 x 7 kernels|| / ||conv1||: about 1/7 for a random (or edge-like)
+    stem, 1 for a stem that only averages colour (what short SGD pre-training drifts to)."""
+    import torch
+
+    from detkit.models.backbones import ResNet
+
+    torch.manual_seed(0)
+    w = ResNet(depth=18, out_features=["c5"], weights=str(weights) if weights else None).conv1.weight.detach()
+    return float(w.mean(dim=(2, 3), keepdim=True).expand_as(w).norm() / w.norm())
+
+
 def load_crops(root: str):
     from detkit.data import build_dataset
     from detkit.ssl.knn import object_crops
@@ -140,7 +153,7 @@ def load_crops(root: str):
 
 def table(args, methods, fractions, knn: dict | None) -> str:
     head = ["backbone init", f"pre-training ({args.pretrain_iters} it x {args.pretrain_batch})"]
-    head += [f"AP50 / AP, {f:.0%} labels" for f in fractions] + ["k-NN acc."]
+    head += [f"AP50 / AP, {f:.0%} labels" for f in fractions] + ["k-NN acc.", "stem low-pass"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for init in ["scratch", *methods]:
         seconds = step_seconds(args.work_dir / init) if init != "scratch" else None
@@ -150,6 +163,9 @@ def table(args, methods, fractions, knn: dict | None) -> str:
             cells.append(f"{ev['bbox/AP50']:.3f} / {ev['bbox/AP']:.3f}" if ev else "not run")
         acc = (knn or {}).get(init)
         cells.append(f"{acc:.3f}" if acc is not None else "-")
+        weights = args.work_dir / init / "last.pth"
+        cells.append(f"{stem_lowpass(weights if init != 'scratch' else None):.2f}"
+                     if init == "scratch" or weights.is_file() else "-")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -165,6 +181,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path("work_dirs/ssl_bench"))
     p.add_argument("--lock", default=None, help="flock this file around every training run")
     p.add_argument("--skip-knn", action="store_true")
+    p.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for every pre-training run (e.g. train.optimizer.type=LARS)")
     return p.parse_args(argv)
 
 
