@@ -73,8 +73,10 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs/pretrain").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_pretrain_config_builds(path):
     from detkit.config import load_config
+    from detkit.engine.optim import build_optimizer
     from detkit.engine.setup import train_settings
     from detkit.ssl import build_method, build_views
+    from detkit.ssl.regions import ProposalCrops
 
     cfg = load_config(path)
     train_settings(cfg)
@@ -82,6 +84,10 @@ def test_every_pretrain_config_builds(path):
     assert method.backbone_type in ("ResNet", "Darknet53")
     views = build_views(cfg["data"]["train"]["dataset"]["views"])
     assert views.num_global >= 2
+    build_optimizer(method, cfg["train"]["optimizer"])            # LARS for SimCLR / BYOL
+    crops = cfg["data"]["train"]["dataset"].get("proposal_crops")
+    if crops is not None:
+        ProposalCrops(**crops)
 
 
 @pytest.mark.slow

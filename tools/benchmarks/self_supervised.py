@@ -4,6 +4,7 @@
     python tools/benchmarks/self_supervised.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
         [--pretrain-iters 120] [--pretrain-batch 32] [--finetune-iters 150]
         [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock] [--pretrain-set k=v ...]
+        [--seeds 0 1 2]
 
 For each method: ``tools/pretrain.py configs/pretrain/<method>_r18_shapes.yaml`` at the given
 budget; then for each label fraction CenterNet-R18 (``configs/centernet/centernet_r18_shapes.yaml``)
@@ -25,6 +26,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,19 +92,27 @@ def pretrain(args, method: str) -> Path:
     return run / "last.pth"
 
 
-def finetune(args, init: str, fraction: float, weights: Path | None) -> dict:
-    run = args.work_dir / f"ft_{init}_{fraction:g}"
+def ft_dir(init: str, fraction: float, seed: int) -> str:
+    """Fine-tuning run name; seed 0 (the detector config's own seed) keeps the plain name."""
+    return f"ft_{init}_{fraction:g}" + (f"_s{seed}" if seed else "")
+
+
+def finetune(args, init: str, fraction: float, weights: Path | None, seed: int = 0) -> dict:
+    name = ft_dir(init, fraction, seed)
+    run = args.work_dir / name
     if not finished(run, args.finetune_iters):
         n = args.finetune_iters
         sets = [f"data.train.subset={fraction}", f"train.max_iters={n}", f"train.eval_interval={n}",
                 f"train.checkpoint.interval={n}", "train.checkpoint.best_metric=null",
                 "data.train.num_workers=1", "data.val.num_workers=1",
                 f"train.scheduler.warmup_iters={min(100, n // 5)}"]
+        if seed:
+            sets.append(f"train.seed={seed}")
         if weights is not None:
             sets.append(f"model.backbone.weights={weights}")
         cmd = [sys.executable, "tools/train.py", DETECTOR, "--work-dir", str(run), "--set", *sets]
         print("running:", " ".join(cmd), flush=True)
-        run_locked(cmd, args.lock, args.work_dir / f"ft_{init}_{fraction:g}.log")
+        run_locked(cmd, args.lock, args.work_dir / f"{name}.log")
     return {"eval": final_eval(run), "seconds": step_seconds(run)}
 
 
@@ -159,8 +169,16 @@ def table(args, methods, fractions, knn: dict | None) -> str:
         seconds = step_seconds(args.work_dir / init) if init != "scratch" else None
         cells = [init, f"{seconds / 60:.1f} min" if seconds else "-"]
         for f in fractions:
-            ev = final_eval(args.work_dir / f"ft_{init}_{f:g}")
-            cells.append(f"{ev['bbox/AP50']:.3f} / {ev['bbox/AP']:.3f}" if ev else "not run")
+            evals = [final_eval(args.work_dir / ft_dir(init, f, seed)) for seed in args.seeds]
+            done = [ev for ev in evals if ev]
+            if not done:
+                cells.append("not run")
+                continue
+            ap50, ap = (sum(ev[k] for ev in done) / len(done) for k in ("bbox/AP50", "bbox/AP"))
+            cell = f"{ap50:.3f} / {ap:.3f}"
+            if len(args.seeds) > 1:  # the mean, then each seed's AP50
+                cell += " (" + ", ".join(f"{ev['bbox/AP50']:.3f}" if ev else "-" for ev in evals) + ")"
+            cells.append(cell)
         acc = (knn or {}).get(init)
         cells.append(f"{acc:.3f}" if acc is not None else "-")
         weights = args.work_dir / init / "last.pth"
@@ -180,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default="data/shapes")
     p.add_argument("--work-dir", type=Path, default=Path("work_dirs/ssl_bench"))
     p.add_argument("--lock", default=None, help="flock this file around every training run")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="fine-tuning seeds (train.seed); the table shows the mean AP and each seed's AP50")
     p.add_argument("--skip-knn", action="store_true")
     p.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="overrides for every pre-training run (e.g. train.optimizer.type=LARS)")
@@ -209,12 +229,14 @@ def main(argv=None) -> None:
     # Results arrive in order (scratch, then method by method) so a cut-short run still has a table.
     check("scratch", None)
     for fraction in args.fractions:
-        finetune(args, "scratch", fraction, None)
+        for seed in args.seeds:
+            finetune(args, "scratch", fraction, None, seed)
     for m in args.methods:
         weights = pretrain(args, m)
         check(m, weights)
         for fraction in args.fractions:
-            finetune(args, m, fraction, weights)
+            for seed in args.seeds:
+                finetune(args, m, fraction, weights, seed)
     print(table(args, args.methods, args.fractions, knn))
 
 
@@ -225,9 +247,11 @@ def run(args: argparse.Namespace) -> None:
     knn_file = saved.work_dir / "knn.json"
     knn = json.loads(knn_file.read_text()) if knn_file.is_file() else None
     methods = [m for m in METHODS if (saved.work_dir / m).is_dir()]
-    # the fine-tuning work dirs (the driver's .log files beside them share the prefix)
-    fractions = sorted({float(p.name.rsplit("_", 1)[1]) for p in saved.work_dir.glob("ft_scratch_*")
-                        if p.is_dir()})
+    # the fine-tuning work dirs ft_scratch_<fraction>[_s<seed>] (the driver's .log files share the prefix)
+    runs = [re.fullmatch(r"ft_scratch_([0-9.]+)(?:_s(\d+))?", p.name)
+            for p in saved.work_dir.glob("ft_scratch_*") if p.is_dir()]
+    fractions = sorted({float(m.group(1)) for m in runs if m})
+    saved.seeds = sorted({int(m.group(2) or 0) for m in runs if m}) or [0]
     if not fractions:
         print(f"no results in {saved.work_dir}; measure with: python "
               f"tools/benchmarks/self_supervised.py --lock /tmp/detkit_heavy.lock")
