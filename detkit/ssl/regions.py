@@ -3,20 +3,23 @@
 Image-level methods (MoCo, SimCLR, BYOL, SimSiam, DINO) learn what the views of one image share.
 On object-centric photos (ImageNet) that is the object; on scene images with a few small objects
 (COCO, shapes) it is mostly the background, and the network learns to match backgrounds. Mishra
-et al. ("Object-aware Cropping for Self-Supervised Learning", TMLR 2022) take both crops from
-one dilated *unsupervised* object proposal instead of the whole scene, and report better
-transfer to detection for MoCo v2 and BYOL on COCO; SoCo (Wei et al. 2021) uses proposals too.
+et al. ("Object-aware Cropping for Self-Supervised Learning", TMLR 2022) replace one or both
+random scene crops with crops from an *unsupervised* object proposal (their final recipe: the
+proposal crop and a dilated version of it) and report large gains over scene cropping when
+pre-training MoCo v2 on OpenImages, and on COCO / VOC detection. This module implements the
+variant that takes both views from one dilated proposal, so that it composes with any method's
+view groups (DINO's local crops too); SoCo (Wei et al. 2021) also builds on proposals.
 
 Proposals here need no training and no labels: MSER regions (Matas et al. 2002, OpenCV's
 ``cv2.MSER``) of the lightly blurred image in three channels (grey, and the two chromatic channels
 of CIE Lab, so that a red shape on a grey-equal green background is found), and the bounding
 boxes of the outer contours of its Canny edges (MSER misses perfectly flat regions, which have
 no intensity levels to be stable over), kept when both sides are at least ``min_size`` px and
-the area at most ``max_area`` of the image. One proposal is drawn per
-sample (uniformly), its box is scaled by a factor drawn from ``dilate`` about its centre (made
-square first: the views are square) and clipped to the image; every view of the sample (global
-and local) is then cut from that region by its group's random resized crop. With probability
-``1 - p``, or when an image has no proposal, the whole image is used as before.
+the area at most ``max_area`` of the image. One proposal is drawn per sample (uniformly), its box
+is scaled by a factor drawn from ``dilate`` about its centre (made square first: the views are
+square) and clipped to the image; every view of the sample (global and local) is then cut from
+that region by its group's random resized crop. With probability ``1 - p``, or when an image has
+no proposal, the whole image is used as before.
 
 Config (``MultiViewDataset``)::
 
@@ -34,7 +37,7 @@ __all__ = ["ProposalCrops", "region_proposals"]
 
 
 def region_proposals(image: np.ndarray, *, min_size: int = 8, max_area: float = 0.5,
-                   delta: int = 6) -> np.ndarray:
+                     delta: int = 6) -> np.ndarray:
     """UInt8[H,W,3] RGB -> Float[N,4] xyxy boxes of MSER regions and edge contours (unique, by area)."""
     h, w = image.shape[:2]
     blurred = cv2.GaussianBlur(image, (5, 5), 0)
