@@ -88,7 +88,12 @@ def save_checkpoint(state: dict, paths: Iterable[str | os.PathLike]) -> None:
     torch.save(state, buffer)
     data = buffer.getvalue()
     for path in paths:
-        atomic_write_bytes(path, data)
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as e:   # a full or read-only disk: name the file; the old checkpoint is intact
+            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
+                                  f"checkpoint of the work dir is unchanged (free space, then "
+                                  f"--resume)") from e
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

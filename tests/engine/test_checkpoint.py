@@ -133,3 +133,24 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "r.pth")["rng"][0])
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC while writing: CheckpointError (the CLIs print one line, exit 2) naming the file;
+    the previous last.pth still loads and no temporary file is left behind."""
+    import errno
+
+    import detkit.engine.checkpoint as ckpt
+
+    last = tmp_path / "last.pth"
+    save_checkpoint(_state(1.0, 10), [last])
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last\.pth: No space left"):
+        save_checkpoint(_state(2.0, 20), [last])
+    monkeypatch.undo()
+    assert load_checkpoint(last)["iter"] == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
