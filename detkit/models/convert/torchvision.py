@@ -40,8 +40,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .anchors import AnchorGenerator
-from .utils import load_state_dict_checked
+from ..anchors import AnchorGenerator
+from ..utils import load_state_dict_checked
 
 __all__ = ["torchvision_to_detkit", "load_torchvision_weights", "use_torchvision_anchors",
            "apply_converted_meta", "COCO_CATEGORY_IDS", "SUPPORTED_ARCHS"]
