@@ -5,7 +5,9 @@ Config (``train.optimizer``)::
     {type: SGD, lr: 0.02, momentum: 0.9, nesterov: false, weight_decay: 1.0e-4}
     {type: AdamW, lr: 1.0e-4, betas: [0.9, 0.999], weight_decay: 0.05}
     {type: LARS, lr: 0.3, momentum: 0.9, weight_decay: 1.0e-6, eta: 0.001}    # detkit.engine.lars
-    # detkit keys (not passed to torch): weight_decay_norm (default 0.0), weight_decay_bias (0.0)
+    # detkit keys (not passed to torch): weight_decay_norm (default 0.0), weight_decay_bias (0.0),
+    # lr_mult: {backbone: 0.1} (parameters whose name starts with a prefix train at lr * factor;
+    # the longest matching prefix wins; the DETR recipes' backbone learning rate)
 
 Config (``train.scheduler``), all positions in iterations (= optimizer steps) after the trainer
 converted epoch milestones::
@@ -42,17 +44,27 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or name.endswith(("Norm", "Norm1d", "Norm2d", "BN"))
 
 
+def _lr_factor_of(name: str, lr_mult: dict[str, float]) -> float:
+    best = max((p for p in lr_mult if name == p or name.startswith(p.rstrip(".") + ".")),
+               key=len, default=None)
+    return 1.0 if best is None else float(lr_mult[best])
+
+
 def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float,
-                 weight_decay_bias: float) -> list[dict]:
-    """Split trainable parameters into up to three groups by their weight decay.
+                 weight_decay_bias: float, lr_mult: dict[str, float] | None = None,
+                 base_lr: float | None = None) -> list[dict]:
+    """Split trainable parameters into groups by their weight decay (and learning rate).
 
     A parameter of a normalisation layer gets ``weight_decay_norm``; any other parameter named
     ``bias`` (or 1-D, e.g. a learnable scale) gets ``weight_decay_bias``; the rest ``weight_decay``.
+    With ``lr_mult`` ({name prefix: factor}) and ``base_lr``, a group also carries ``lr`` =
+    ``base_lr`` times the factor of the longest prefix of the parameter's name.
     Shared parameters are counted once.
     """
-    groups: dict[float, list] = {}
+    groups: dict[tuple[float, float], list] = {}
     seen: set[int] = set()
-    for module in model.modules():
+    lr_mult = dict(lr_mult or {})
+    for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
@@ -63,8 +75,15 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
                 wd = weight_decay_bias
             else:
                 wd = weight_decay
-            groups.setdefault(float(wd), []).append(param)
-    return [{"params": params, "weight_decay": wd} for wd, params in groups.items()]
+            full = f"{module_name}.{name}" if module_name else name
+            groups.setdefault((float(wd), _lr_factor_of(full, lr_mult)), []).append(param)
+    out = []
+    for (wd, factor), params in groups.items():
+        group = {"params": params, "weight_decay": wd}
+        if lr_mult and base_lr is not None:
+            group["lr"] = base_lr * factor
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: dict, path: str = "train.optimizer") -> torch.optim.Optimizer:
@@ -77,13 +96,23 @@ def build_optimizer(model: nn.Module, cfg: dict, path: str = "train.optimizer") 
     wd = float(cfg.get("weight_decay", 0.0))
     wd_norm = float(cfg.pop("weight_decay_norm", 0.0))
     wd_bias = float(cfg.pop("weight_decay_bias", 0.0))
+    lr_mult = cfg.pop("lr_mult", None) or {}
+    if not isinstance(lr_mult, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in lr_mult.values()):
+        raise ConfigError(f"{path}.lr_mult: expected a mapping of parameter-name prefixes to "
+                          f"numbers, e.g. {{backbone: 0.1}}, got {lr_mult!r}")
     if "lr" not in cfg:
         raise ConfigError(f"{path}: missing 'lr'")
     cls = OPTIMIZERS[name]
     check_kwargs(cls, {"params": None, **cfg}, path, name)
     if "betas" in cfg:
         cfg["betas"] = tuple(float(b) for b in cfg["betas"])
-    groups = param_groups(model, wd, wd_norm, wd_bias)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in lr_mult:
+        if not any(n == prefix or n.startswith(str(prefix).rstrip(".") + ".") for n in names):
+            raise ConfigError(f"{path}.lr_mult.{prefix}: no parameter name starts with {prefix!r}"
+                              f"{closest(str(prefix), sorted({n.split('.')[0] for n in names}))}")
+    groups = param_groups(model, wd, wd_norm, wd_bias, lr_mult, float(cfg["lr"]))
     if not groups:
         raise ConfigError(f"{path}: the model has no trainable parameters")
     try:
