@@ -1,5 +1,15 @@
 #!/usr/bin/env python
-"""Convert a torchvision detection checkpoint into a detkit checkpoint ``{"model": state_dict}``.
+"""Convert a torchvision detection checkpoint or a transformers model folder into a detkit checkpoint.
+
+    python tools/convert_weights.py --from-transformers MODEL_DIR OUT.pth
+    python tools/infer.py OUT.pth images/        # the config and class names are inside
+
+``--from-transformers``: a Hugging Face model folder (``config.json``, ``model.safetensors`` or
+``pytorch_model.bin``, ``preprocessor_config.json``) of ``RTDetrForObjectDetection``,
+``RTDetrV2ForObjectDetection`` or ``DFineForObjectDetection``; the detkit config is built from
+``config.json`` and stored in the checkpoint (``detkit.models.convert.from_transformers``).
+
+torchvision (``{"model": state_dict}``):
 
     python tools/convert_weights.py fasterrcnn_resnet50_fpn_coco-258fb6c6.pth frcnn_r50_fpn_coco.pth \\
         --classes coco80
@@ -25,7 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="torchvision state dict (.pth)")
+    parser.add_argument("src", help="torchvision state dict (.pth), or with --from-transformers a "
+                                    "transformers model folder")
+    parser.add_argument("--from-transformers", action="store_true",
+                        help="SRC is a Hugging Face model folder (RT-DETR, RT-DETRv2, D-FINE)")
     parser.add_argument("dst", help="output detkit checkpoint (.pth)")
     parser.add_argument("--arch", default="fasterrcnn_resnet50_fpn", choices=SUPPORTED_ARCHS)
     parser.add_argument("--classes", default="all", help="all | coco80 | comma-separated class indices")
@@ -45,8 +58,27 @@ def class_ids(spec: str):
         raise ValueError(f"--classes: expected all, coco80 or integers like 1,2,3, got {spec!r}") from None
 
 
+def convert_transformers(args: argparse.Namespace) -> int:
+    import torch
+
+    from detkit.models.convert.transformers import ConversionError, from_transformers
+
+    try:
+        ckpt = from_transformers(args.src)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, args.dst)
+    print(f"wrote {args.dst}: {len(ckpt['model'])} tensors, {len(ckpt['meta']['class_names'])} "
+          f"classes, {ckpt['meta']['arch']} (config inside: tools/infer.py {args.dst} IMAGES)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_transformers:
+        return convert_transformers(args)
     import torch
 
     from detkit.models.convert import torchvision_to_detkit

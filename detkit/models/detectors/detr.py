@@ -1,0 +1,98 @@
+"""DETRDetector: backbone -> neck (hybrid encoder / projector) -> DETR decoder head, NMS-free.
+
+The real-time DETR families (RT-DETR v1/v2, D-FINE) keep detkit's detector contract: images in,
+``loss_*`` dict (training) or per-image ``boxes`` / ``scores`` / ``labels`` (evaluation) out. Only
+two things differ from ``OneStageDetector``:
+
+* the head's ``forward`` takes the training targets too, since contrastive denoising queries are
+  built from the ground truth; they are given in the DETR format (``labels`` Int64[N], ``boxes``
+  Float[N,4] cxcywh normalised to the padded batch), which :func:`to_detr_targets` produces;
+* the defaults of the pixel statistics: the RT-DETR / D-FINE releases rescale to [0, 1] and do not
+  normalise (their image processors have ``do_normalize: false``), so mean 0 and std 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...registry import DETECTORS, HEADS, ConfigError
+from ...structures import ImageList
+from ..matchers import ignore_flags
+from .base import Detector, base_kwargs, build_backbone_and_neck
+
+__all__ = ["DETRDetector", "to_detr_targets"]
+
+
+def to_detr_targets(targets: Sequence[dict], padded_hw: Sequence[int]) -> list[dict]:
+    """detkit targets (``boxes`` Float[N,4] xyxy pixels of the padded batch, ``labels``) -> DETR
+    targets ``{labels Int64[M], boxes Float[M,4] cxcywh / (W_pad, H_pad)}``.
+
+    Crowd and VOC ``difficult`` boxes are dropped (detkit never trains on them), as are boxes
+    without area.
+    """
+    h, w = float(padded_hw[0]), float(padded_hw[1])
+    out = []
+    for t in targets:
+        boxes = t["boxes"].float().reshape(-1, 4)
+        keep = ~ignore_flags(t) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[keep]
+        scale = boxes.new_tensor([w, h, w, h])
+        cxcywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1)
+        out.append({"labels": t["labels"].reshape(-1)[keep].long(), "boxes": cxcywh / scale})
+    return out
+
+
+@DETECTORS.register()
+class DETRDetector(Detector):
+    """Composes parts only; the decoder, its losses and its top-k decoding live in the head.
+
+    Config::
+
+        model:
+          type: DETRDetector
+          num_classes: 80
+          backbone: {type: HGNetv2, name: B0, out_features: [c3, c4, c5]}
+          neck: {type: HybridEncoder, ...}
+          head: {type: DFINEHead, ...}           # gets input_shapes and num_classes
+          pixel_mean / pixel_std / size_divisibility   # optional, see Detector
+
+    The head is called ``head(features, detr_targets)`` in training and ``head(features)`` at
+    evaluation, then ``head.loss(outputs, targets, image_sizes)`` /
+    ``head.predict(outputs, image_sizes)`` as every detkit head.
+    """
+
+    head: Any   # duck-typed as every detkit head (forward / loss / predict)
+
+    def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, head: nn.Module,
+                 pixel_mean: Sequence[float] = (0.0, 0.0, 0.0),
+                 pixel_std: Sequence[float] = (1.0, 1.0, 1.0), **kwargs):
+        super().__init__(pixel_mean=pixel_mean, pixel_std=pixel_std, **kwargs)
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, path: str) -> "DETRDetector":
+        for key in ("num_classes", "head"):
+            if key not in cfg:
+                raise ConfigError(f"{path}: missing '{key}'")
+        backbone, neck, shapes = build_backbone_and_neck(cfg, path)
+        head = HEADS.build(cfg["head"], f"{path}.head", input_shapes=shapes,
+                           num_classes=int(cfg["num_classes"]))
+        kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes"))
+        return cls(backbone=backbone, neck=neck, head=head, **kwargs)
+
+    def features(self, batch: ImageList) -> dict[str, Tensor]:
+        feats = self.backbone(batch.tensor)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
+        detr_targets = to_detr_targets(targets, batch.tensor.shape[-2:])
+        outputs = self.head(self.features(batch), detr_targets)
+        return self.head.loss(outputs, targets, batch.image_sizes)
+
+    def forward_test(self, batch: ImageList) -> list[dict]:
+        return self.head.predict(self.head(self.features(batch)), batch.image_sizes)
