@@ -1,0 +1,237 @@
+"""INT8 post-training static quantization of exported detkit models (ONNX Runtime QDQ, OpenVINO NNCF).
+
+What is quantized: the convolutions and matrix products of backbone, neck and head (``Conv``,
+``Gemm``, ``MatMul``), weights per output channel and symmetric (int8), activations calibrated on
+real images. Decoding, top-k, NMS and RoI pooling stay in float: they are no such ops.
+
+Kept in float by rule (:func:`float_layers`), since they lose the most accuracy when quantized:
+
+* the first convolution (its input is the image, whose fine colour steps carry the signal);
+* every prediction layer: a quantizable node from which no other quantizable node can be reached
+  along the feature path (the walk does not cross ``TopK``, ``NonMaxSuppression`` or the box
+  input of ``RoiAlign`` / ``MaxRoiPool``, where the graph turns predictions into selections),
+  e.g. YOLO's 1x1 output convs, CenterNet's heatmap / size / offset convs, the RPN and RoI
+  head's class and box layers;
+* nodes whose names match one of ``skip`` (``--int8-skip``, fnmatch patterns).
+
+Calibration: images through the config's test pipeline (``data.val.pipeline``), padded as
+``DeployedModel`` pads them, fed to every input of the graph (``images`` and, when the graph has
+it, ``image_sizes``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import DetkitError
+
+__all__ = ["QuantizationError", "float_layers", "calibration_images", "CalibrationSet",
+           "quantize_onnx", "quantize_openvino", "QUANTIZED_OPS", "IMAGE_SUFFIXES"]
+
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+_STOP_OPS = {"TopK", "NonMaxSuppression"}
+_ROI_OPS = {"RoiAlign", "MaxRoiPool"}      # input 1 is the box list, not a feature map
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class QuantizationError(DetkitError, ValueError):
+    """Bad calibration input or a model that cannot be quantized; the message names it."""
+
+
+def float_layers(model_proto, skip: Sequence[str] = ()) -> list[str]:
+    """Names of the quantizable nodes that stay float (the module docstring's rule)."""
+    graph = model_proto.graph
+    consumers: dict[str, list[tuple[object, int]]] = defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            consumers[name].append((node, index))
+    compute = [n for n in graph.node if n.op_type in QUANTIZED_OPS]
+    keep: set[str] = set()
+    if compute:
+        keep.add(compute[0].name)
+    for node in compute:
+        if not _reaches_compute(node, consumers):
+            keep.add(node.name)
+    for node in compute:
+        if any(fnmatch.fnmatchcase(node.name, pattern) for pattern in skip):
+            keep.add(node.name)
+    return [n.name for n in compute if n.name in keep]
+
+
+def _reaches_compute(start, consumers) -> bool:
+    seen: set[int] = set()
+    stack = list(start.output)
+    while stack:
+        tensor = stack.pop()
+        for node, index in consumers.get(tensor, ()):
+            if node.op_type in _STOP_OPS or (node.op_type in _ROI_OPS and index == 1):
+                continue
+            if node.op_type in QUANTIZED_OPS:
+                return True
+            if id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(node.output)
+    return False
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise QuantizationError(f"--calib {folder}: not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise QuantizationError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return files
+
+
+def _spread(count: int, total: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)`` (all of them when fewer)."""
+    if count >= total:
+        return list(range(total))
+    return sorted({int(i) for i in np.linspace(0, total - 1, count)})
+
+
+def calibration_images(cfg: dict, *, folder: str | os.PathLike | None = None,
+                       split: str | None = None, count: int = 300) -> Iterator[np.ndarray]:
+    """Up to ``count`` HxWx3 uint8 RGB images from a folder or from a split of the config's data
+    (``train``, ``val``), spread evenly over it; an unreadable image is a QuantizationError."""
+    from ..data.io import read_image
+
+    if (folder is None) == (split is None):
+        raise QuantizationError("calibration: give exactly one of --calib DIR or --calib-split SPLIT")
+    if count < 1:
+        raise QuantizationError(f"--calib-images must be >= 1, got {count}")
+    if folder is not None:
+        files = _image_files(Path(folder))
+        for i in _spread(count, len(files)):
+            try:
+                yield read_image(files[i])
+            except DetkitError as e:
+                raise QuantizationError(f"calibration image {files[i]}: {e}") from None
+        return
+    from ..config import get_path
+    from ..data.builder import build_dataset_node
+
+    node = get_path(cfg, f"data.{split}.dataset", None)
+    if node is None:
+        raise QuantizationError(f"--calib-split {split}: the config has no data.{split}.dataset")
+    dataset = build_dataset_node(node, f"data.{split}.dataset", root=get_path(cfg, "data.root", None))
+    records = getattr(dataset, "records", None)
+    if records is None:
+        raise QuantizationError(f"--calib-split {split}: {type(dataset).__name__} has no image "
+                                f"records to calibrate on; use --calib DIR")
+    if len(dataset.records) == 0:
+        raise QuantizationError(f"--calib-split {split}: the dataset is empty")
+    for i in _spread(count, len(dataset.records)):
+        yield dataset.read(dataset.records[i])
+
+
+class CalibrationSet:
+    """Feeds of the graph's inputs for each calibration image (batch 1, or the export's fixed
+    batch filled with repeats): test pipeline, then bottom/right padding with the pixel mean."""
+
+    def __init__(self, cfg: dict, images: Iterator[np.ndarray], *, input_shape: Sequence,
+                 input_names: Sequence[str], pixel_mean: Sequence[float], size_divisibility: int):
+        from ..inference import InferencePipeline
+
+        self.pipeline = InferencePipeline(cfg)
+        self.images = list(images)       # uint8 images; the float feeds are made per pass
+        self.shape = list(input_shape)
+        self.names = list(input_names)
+        self.mean = np.asarray(pixel_mean, np.float32).reshape(3, 1, 1)
+        self.div = max(int(size_divisibility), 1)
+
+    def _pad(self, tensor: np.ndarray) -> np.ndarray:
+        h, w = tensor.shape[-2:]
+        fixed = [d if isinstance(d, int) else None for d in self.shape[2:]]
+        out_h = fixed[0] or -(-h // self.div) * self.div
+        out_w = fixed[1] or -(-w // self.div) * self.div
+        if h > out_h or w > out_w:
+            raise QuantizationError(f"calibration: the test pipeline gives {h}x{w} images but the "
+                                    f"model was exported for {out_h}x{out_w}: export with a "
+                                    f"matching --size or --dynamic")
+        out = np.broadcast_to(self.mean, (3, out_h, out_w)).copy()
+        out[:, :h, :w] = tensor
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        batch = self.shape[0] if isinstance(self.shape[0], int) else 1
+        for image in self.images:
+            tensor, _ = self.pipeline(image)
+            array = tensor.numpy()
+            padded = self._pad(array)
+            feed = {self.names[0]: np.repeat(padded[None], batch, axis=0)}
+            if "image_sizes" in self.names:
+                feed["image_sizes"] = np.tile(np.asarray([array.shape[-2:]], np.int64), (batch, 1))
+            yield feed
+
+
+def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calibration: CalibrationSet, *,
+                  skip: Sequence[str] = (), method: str = "minmax") -> list[str]:
+    """ONNX Runtime QDQ static quantization of ``src`` into ``dst``; returns the float layers."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise QuantizationError(f"calibration method {method!r}: use one of {', '.join(methods)}")
+    if not calibration.images:
+        raise QuantizationError("calibration: no images")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calibration)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    prepared = Path(dst).with_suffix(".prep.onnx")
+    try:
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        model = onnx.load(str(prepared))
+        keep = float_layers(model, skip)
+        quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, op_types_to_quantize=list(QUANTIZED_OPS),
+                        nodes_to_exclude=keep, calibrate_method=methods[method],
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    finally:
+        prepared.unlink(missing_ok=True)
+    return keep
+
+
+def quantize_openvino(src: str | os.PathLike, dst: str | os.PathLike, calibration: CalibrationSet,
+                      *, skip: Sequence[str] = (), subset_size: int = 300) -> list[str]:
+    """NNCF post-training quantization of the ONNX file ``src`` into an OpenVINO IR ``dst``
+    (``.xml`` + ``.bin``); the same float-layer rule, matched by ONNX node name."""
+    try:
+        import nncf  # type: ignore[import-untyped]
+        import onnx
+        import openvino as ov
+    except ImportError:
+        raise QuantizationError("--backend openvino needs nncf and openvino "
+                                "(pip install 'detkit[deploy]')") from None
+    keep = float_layers(onnx.load(str(src)), skip)
+    if not calibration.images:
+        raise QuantizationError("calibration: no images")
+    model = ov.Core().read_model(str(src))
+    names = {op.get_friendly_name() for op in model.get_ops()}
+    ignored = nncf.IgnoredScope(names=[n for n in keep if n in names], validate=False)
+    quantized = nncf.quantize(model, nncf.Dataset(calibration),
+                              subset_size=min(subset_size, len(calibration.images)),
+                              ignored_scope=ignored, preset=nncf.QuantizationPreset.PERFORMANCE)
+    ov.save_model(quantized, str(dst))
+    return keep
