@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
@@ -103,16 +104,20 @@ def training_parser(description: str | None, *, config_help: str,
 def run_training(train: Callable[..., object], args: argparse.Namespace) -> int:
     """``train(cfg, work_dir, resume=, deterministic=)`` for the parsed ``training_parser`` options.
 
-    Returns 0, or the signal's exit code (143) after a SIGTERM that saved ``last.pth``: torchrun
-    counts it as a failure and restarts the workers when it has restarts left. Other errors
-    propagate to :func:`run_cli`. The process group is torn down in every case.
+    When training ends, rank 0 writes the plots into the work dir and prints a summary
+    (:func:`detkit.engine.logging.finish_training`). Returns 0, or the signal's exit code (143)
+    after a SIGTERM that saved ``last.pth``: torchrun counts it as a failure and restarts the
+    workers when it has restarts left. Other errors propagate to :func:`run_cli`. The process
+    group is torn down in every case.
     """
     # imported here: the engine (torch, the models) is not needed to print --help or an error
     from .config import load_config
     from .engine.dist import cleanup_distributed
+    from .engine.logging import finish_training
     from .engine.preemption import TrainingInterrupted
 
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    started = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, work_dir, resume=args.resume, deterministic=args.deterministic)
@@ -121,4 +126,5 @@ def run_training(train: Callable[..., object], args: argparse.Namespace) -> int:
         return e.exit_code
     finally:
         cleanup_distributed()
+    finish_training(cfg, work_dir, wall_s=time.perf_counter() - started)  # plots + summary, rank 0
     return 0

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .dist import get_rank
+from .logging import ProgressLines
 
 __all__ = ["inference_on_loader", "build_val", "evaluate_checkpoint"]
 
@@ -58,6 +59,9 @@ def inference_on_loader(model: nn.Module, loader, evaluator, device: torch.devic
     show = main and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=_num_images(loader), desc="eval", unit="img", dynamic_ncols=True, leave=False,
                file=sys.stderr, mininterval=0.5, disable=not show)
+    # Without a terminal (a log file) the bar is off: plain lines every 30 s say how far it is.
+    lines = ProgressLines(_num_images(loader), desc="eval", unit="img", log=log or _stderr_line) \
+        if main and not show else None
     was_training = model.training
     model.eval()
     evaluator.reset()
@@ -78,6 +82,8 @@ def inference_on_loader(model: nn.Module, loader, evaluator, device: torch.devic
             seconds["process"], tick = seconds["process"] + now - tick, now
             images_seen += len(images)
             bar.update(len(images))
+            if lines is not None:
+                lines.update(len(images))
         bar.close()
         results = evaluator.evaluate()
     finally:

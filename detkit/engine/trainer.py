@@ -289,7 +289,8 @@ class Trainer:
         _, loader, evaluator = self.val
         results = inference_on_loader(model, loader, evaluator, self.device, log=self.logger.info)
         self.last_eval = results
-        self.logger.log_eval(self.iter, (self.iter - 1) // self.iters_per_epoch, results)
+        self.logger.log_eval(self.iter, (self.iter - 1) // self.iters_per_epoch, results,
+                             val_dataset=self.val[0])
         metric = self.settings["checkpoint"]["best_metric"]
         if not metric:
             return False
