@@ -15,34 +15,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ...registry import DETECTORS, HEADS, ConfigError
 from ...structures import ImageList
-from ..matchers import ignore_flags
+from ..detr.outputs import detr_targets_from_detkit
 from .base import Detector, base_kwargs, build_backbone_and_neck
 
-__all__ = ["DETRDetector", "to_detr_targets"]
-
-
-def to_detr_targets(targets: Sequence[dict], padded_hw: Sequence[int]) -> list[dict]:
-    """detkit targets (``boxes`` Float[N,4] xyxy pixels of the padded batch, ``labels``) -> DETR
-    targets ``{labels Int64[M], boxes Float[M,4] cxcywh / (W_pad, H_pad)}``.
-
-    Crowd and VOC ``difficult`` boxes are dropped (detkit never trains on them), as are boxes
-    without area.
-    """
-    h, w = float(padded_hw[0]), float(padded_hw[1])
-    out = []
-    for t in targets:
-        boxes = t["boxes"].float().reshape(-1, 4)
-        keep = ~ignore_flags(t) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes = boxes[keep]
-        scale = boxes.new_tensor([w, h, w, h])
-        cxcywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=1)
-        out.append({"labels": t["labels"].reshape(-1)[keep].long(), "boxes": cxcywh / scale})
-    return out
+__all__ = ["DETRDetector"]
 
 
 @DETECTORS.register()
@@ -90,7 +70,7 @@ class DETRDetector(Detector):
         return self.neck(feats) if self.neck is not None else feats
 
     def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
-        detr_targets = to_detr_targets(targets, batch.tensor.shape[-2:])
+        detr_targets = detr_targets_from_detkit(targets, batch.tensor.shape[-2:])
         outputs = self.head(self.features(batch), detr_targets)
         return self.head.loss(outputs, targets, batch.image_sizes)
 
