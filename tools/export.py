@@ -67,9 +67,9 @@ def main(argv=None) -> int:
         meta = {}
         if args.checkpoint.lower() != "none":
             meta = load_predictor_weights(model, args.checkpoint)
-        names, _, _ = resolve_class_names(cfg, meta, get_path(cfg, "model.num_classes", None))
+        names, cat_ids, _ = resolve_class_names(cfg, meta, get_path(cfg, "model.num_classes", None))
         info = export_onnx(model, out, height, width, batch=args.batch, opset=args.opset,
-                           dynamic=args.dynamic, class_names=names,
+                           dynamic=args.dynamic, class_names=names, label_to_cat_id=cat_ids,
                            config_text=yaml.safe_dump(cfg, sort_keys=False))
     except (ConfigError, CheckpointError, ExportError, ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,13 +17,16 @@ from torch import Tensor
 from torchvision.ops import nms
 
 __all__ = ["GroupedNMS", "grouped_nms", "top_per_image", "clip_boxes", "dynamic_min", "image_hw",
-           "INVALID_SCORE"]
+           "unpadded_sizes", "INVALID_SCORE", "SIZES_DEFAULT"]
 
 # Scores are probabilities (>= 0); a masked-out candidate gets this value, and NMS's score
 # threshold sits halfway, so the strict / non-strict comparison of a runtime cannot matter.
 INVALID_SCORE = -1.0
 _SCORE_CUT = -0.5
 _MAX_OUTPUT = 1 << 30
+# The default of the graph's ``image_sizes`` input (an ONNX initializer of the same name): every
+# size is capped at the padded input, so "larger than any input" means "the padded input size".
+SIZES_DEFAULT = (1 << 31) - 1
 
 
 class GroupedNMS(torch.autograd.Function):
@@ -67,12 +70,24 @@ def image_hw(images: Tensor) -> Tensor:
     return torch._shape_as_tensor(images)[2:]
 
 
-def clip_boxes(boxes: Tensor, hw: Tensor) -> Tensor:
-    """Clip Float[...,4] xyxy to [0, W] x [0, H] given ``hw`` Int64[2] (tensor bounds, traceable)."""
-    h, w = hw[0].to(boxes.dtype), hw[1].to(boxes.dtype)
+def unpadded_sizes(images: Tensor, image_sizes: Tensor | None) -> Tensor:
+    """Int64[B,2] (H, W) of each image before padding, from ``image_sizes`` Int64[B,2] or [1,2]
+    (one row for all images), each capped at the padded input size of Float[B,3,H,W]
+    (``None``: the padded size)."""
+    if image_sizes is None:
+        image_sizes = image_hw(images)[None]
+    rows = torch.zeros_like(images[:, :1, 0, 0], dtype=torch.int64)              # [B,1]
+    return torch.minimum(image_sizes.to(torch.int64), image_hw(images)) + rows
+
+
+def clip_boxes(boxes: Tensor, sizes: Tensor) -> Tensor:
+    """Clip Float[B,...,4] xyxy to [0, W_b] x [0, H_b] of image b, ``sizes`` Int64[B,2] (H, W)."""
+    shape = (-1,) + (1,) * (boxes.dim() - 1)
+    h = sizes[:, 0].to(boxes.dtype).reshape(shape)
+    w = sizes[:, 1].to(boxes.dtype).reshape(shape)
     zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    x = boxes[..., 0::2].clamp(min=zero, max=w)
-    y = boxes[..., 1::2].clamp(min=zero, max=h)
+    x = torch.minimum(torch.maximum(boxes[..., 0::2], zero), w)
+    y = torch.minimum(torch.maximum(boxes[..., 1::2], zero), h)
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 

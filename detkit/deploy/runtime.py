@@ -3,14 +3,16 @@
 ``DeployedModel`` takes what a detkit detector takes at inference (a list of Float[3,Hi,Wi]
 images from the config's test pipeline and their metas), pads them into one batch exactly as
 ``Detector.preprocess`` does (bottom / right, to ``size_divisibility``, with the pixel mean so
-the normalised padding is 0 as in PyTorch), runs ONNX Runtime or OpenVINO, and maps the padded
-``[B,K]`` outputs back per image with the PyTorch path's own ``Detector.map_to_original``.
+the normalised padding is 0 as in PyTorch), feeds each image's unpadded size as the graph's
+``image_sizes`` (clipping, size filters and CenterNet's peak mask then happen at it, as in
+PyTorch), runs ONNX Runtime or OpenVINO, and maps the padded ``[B,K]`` outputs back per image
+with the PyTorch path's own ``Detector.map_to_original`` (Mask R-CNN: ``paste_masks`` at the
+model's ``mask_threshold``).
 
-Differences from the PyTorch model (documented in the README): boxes are clipped to the padded
-input in the graph and to the unpadded image here, after NMS (PyTorch clips before NMS), and a
-segmentor's label map is resized to the original image by nearest neighbour (PyTorch resizes the
-logits bilinearly before the argmax). With pipelines whose output size is a multiple of
-``size_divisibility`` (Letterbox, fixed resizes) there is no padding and no difference.
+One difference from the PyTorch model remains (documented in the README): a segmentor's label map
+is resized to the original image by nearest neighbour, where PyTorch resizes the logits
+bilinearly before the argmax (the graph's output is the label map, not C float maps). Pipelines
+that do not resize give equal maps.
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ import torch
 from torch import Tensor
 
 from ..config import load_yaml
+from ..errors import DetkitError
 from ..models.detectors.base import IMAGENET_MEAN, Detector
 
-__all__ = ["DeployedModel", "is_exported", "BACKENDS"]
+__all__ = ["DeployedModel", "ExportedInputError", "is_exported", "BACKENDS"]
 
 BACKENDS = ("pytorch", "onnxruntime", "openvino")
+
+
+class ExportedInputError(DetkitError, ValueError):
+    """Images that the exported file cannot take (a static input size other than the pipeline's)."""
 
 
 def is_exported(checkpoint) -> bool:
@@ -64,6 +71,7 @@ class DeployedModel:
         shape = self.runtime.input_shape()
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_hw = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else None
+        self.mask_threshold = float(info.get("mask_threshold", 0.5))
 
     @property
     def info(self) -> dict:
@@ -75,19 +83,22 @@ class DeployedModel:
         cfg = load_yaml(text) if isinstance(text, str) else None
         return cfg if isinstance(cfg, dict) else None
 
-    def batch(self, images: Sequence[Tensor]) -> np.ndarray:
-        """Float32[B,3,H,W]: images padded bottom/right with the pixel mean to a common size."""
+    def batch(self, images: Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Float32[B,3,H,W] images padded bottom/right with the pixel mean to a common size, and
+        Int64[B,2] their sizes before padding (the graph's ``image_sizes``)."""
         div = max(self.size_divisibility, 1)
         height = -(-max(int(im.shape[-2]) for im in images) // div) * div
         width = -(-max(int(im.shape[-1]) for im in images) // div) * div
         if self.fixed_hw is not None and (height, width) != self.fixed_hw:
-            raise ValueError(f"{self.path} was exported for {self.fixed_hw[0]}x{self.fixed_hw[1]} "
-                             f"inputs, the test pipeline gives {height}x{width} (padded): export "
-                             f"again with --dynamic or a matching --size")
+            raise ExportedInputError(
+                f"{self.path} was exported for {self.fixed_hw[0]}x{self.fixed_hw[1]} inputs, the "
+                f"test pipeline gives {height}x{width} (padded): export again with --dynamic or "
+                f"--size {height} {width}")
         out = self.pixel_mean.expand(len(images), 3, height, width).clone()
         for target, image in zip(out, images):
             target[:, : image.shape[-2], : image.shape[-1]] = image.float().cpu()
-        return out.numpy()
+        sizes = np.array([[int(im.shape[-2]), int(im.shape[-1])] for im in images], np.int64)
+        return out.numpy(), sizes
 
     def run(self, images: Sequence[Tensor]) -> dict[str, np.ndarray]:
         """Outputs of one batch; a model exported with a fixed batch size B0 runs in chunks of B0."""
@@ -97,7 +108,7 @@ class DeployedModel:
             chunk = list(images[start:start + step])
             count = len(chunk)
             chunk += [chunk[-1]] * (step - count)          # fill a fixed batch with repeats
-            outputs = self.runtime(self.batch(chunk))
+            outputs = self.runtime(*self.batch(chunk))
             parts.append({k: v[:count] for k, v in outputs.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -117,9 +128,8 @@ class DeployedModel:
                 results.append(result)
                 continue
             n = int(outputs["num_detections"][i])
+            # already clipped in the graph, at the image_sizes fed by run()
             boxes = torch.from_numpy(outputs["boxes"][i, :n]).float()
-            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
-                                 boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
             result = {"boxes": boxes, "scores": torch.from_numpy(outputs["scores"][i, :n]).float(),
                       "labels": torch.from_numpy(outputs["labels"][i, :n]).long()}
             result = Detector.map_to_original(result, metas[i]) if metas is not None else result
@@ -129,7 +139,7 @@ class DeployedModel:
                 orig = metas[i].get("orig_size") if metas is not None else None
                 size = (int(orig[0]), int(orig[1])) if orig is not None else (h, w)
                 probs = torch.from_numpy(outputs["mask_probs"][i, :n]).float()
-                result["masks"] = paste_masks(probs, result["boxes"], size)
+                result["masks"] = paste_masks(probs, result["boxes"], size, threshold=self.mask_threshold)
             results.append(result)
         return results
 

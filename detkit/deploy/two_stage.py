@@ -1,7 +1,9 @@
 """Batched, exportable two-stage inference: RPN proposals, RoI pooling, RoI head detections.
 
 Legend: B images, L RPN levels, R_l anchors of level l, T = sum_l min(pre_nms_topk, R_l)
-candidates per image, P = post_nms_topk proposals per image (padded), C classes, r pooled size.
+candidates per image, P = post_nms_topk proposals per image (padded), C classes, r pooled size;
+``hw`` Int64[2] is the padded input size (RoI pooling scales), ``sizes`` Int64[B,2] each image's
+unpadded (H, W): proposals and detections are clipped and size-filtered at it, as in PyTorch.
 
 The maths is the heads' own (``RPNHead.flatten_outputs`` / ``box_coder``, the pooler of
 ``RoIHead``, ``box_head`` / ``cls_score`` / ``bbox_pred``, ``RFCNHead``'s maps); this module only
@@ -36,7 +38,7 @@ def rpn_anchors(rpn: Any, maps: list[Tensor]) -> Tensor:
                       for i, (size, stride) in enumerate(zip(sizes, strides))])
 
 
-def rpn_proposals(rpn: Any, features: dict[str, Tensor], hw: Tensor, num_images
+def rpn_proposals(rpn: Any, features: dict[str, Tensor], sizes: Tensor, num_images
                   ) -> tuple[Tensor, Tensor]:
     """Proposals Float[B,P,4] and valid Bool[B,P], ``RPNHead.predict`` (test settings) batched:
     per level top-k logits, decode, clip, drop small / low-score boxes, NMS per level, best P."""
@@ -57,7 +59,7 @@ def rpn_proposals(rpn: Any, features: dict[str, Tensor], hw: Tensor, num_images
     batch = torch.arange(logits.shape[0], device=logits.device)[:, None]
     scores = logits[batch, index].sigmoid()
     boxes = rpn.box_coder.decode(deltas[batch, index].reshape(-1, 4), anchors[index].reshape(-1, 4))
-    boxes = clip_boxes(boxes.reshape(index.shape + (4,)), hw)
+    boxes = clip_boxes(boxes.reshape(index.shape + (4,)), sizes)
     wh = boxes[..., 2:] - boxes[..., :2]
     valid = (wh >= rpn.min_box_size).all(-1) & (scores >= rpn.score_thresh)
     level_ids = torch.arange(len(levels), device=level.device)[None, :, None]
@@ -170,7 +172,8 @@ def roi_outputs(roi_head: Any, features: dict[str, Tensor], rois: Tensor, hw: Te
 
 
 def roi_head_candidates(roi_head: Any, features: dict[str, Tensor], proposals: Tensor,
-                        proposal_ok: Tensor, hw: Tensor, num_images) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        proposal_ok: Tensor, hw: Tensor, sizes: Tensor, num_images
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``RoIHeadBase.predict`` batched: softmax scores, class boxes, clip, score / size filter,
     NMS per (image, class), ``detections_per_image`` best -> the four padded outputs."""
     rois = to_rois(proposals)
@@ -179,7 +182,7 @@ def roi_head_candidates(roi_head: Any, features: dict[str, Tensor], proposals: T
     b, p = proposals.shape[0], proposals.shape[1]
     scores = F.softmax(logits.float(), dim=-1)[:, :c].reshape(b, p, c)
     boxes = roi_head.box_coder.decode(deltas.float(), rois[:, 1:])
-    boxes = clip_boxes(boxes.reshape(b, p, -1, 4).expand(-1, -1, c, -1), hw)        # [B,P,C,4]
+    boxes = clip_boxes(boxes.reshape(b, p, -1, 4).expand(-1, -1, c, -1), sizes)        # [B,P,C,4]
     wh = boxes[..., 2:] - boxes[..., :2]
     valid = proposal_ok[..., None] & (scores > roi_head.score_thresh) & (wh >= 1e-2).all(-1)
     return group_candidates(boxes, scores, valid, roi_head.nms_thresh,
