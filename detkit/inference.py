@@ -320,7 +320,8 @@ class Predictor:
         self.cfg = _resolve_config(config, None, path) if config is not None else stored
         self.device = torch.device("cpu")          # results come back as CPU tensors
         self.score_thr, self.amp, self.batch_size = float(score_thr), False, int(batch_size)
-        meta = {"class_names": self.model.info.get("class_names") or None}
+        meta = {"class_names": self.model.info.get("class_names") or None,
+                "label_to_cat_id": self.model.info.get("label_to_cat_id") or None}
         self.class_names, self.label_to_cat_id, self.class_names_source = resolve_class_names(
             self.cfg, meta, get_path(self.cfg, "model.num_classes", None), class_names)
         self.pipeline = InferencePipeline(self.cfg)
