@@ -35,7 +35,8 @@ def _gather_pixels(value: Tensor, x: Tensor, y: Tensor, width: int, height: int)
 
 def _bilinear_by_gather(value: Tensor, loc: Tensor, height: int, width: int) -> Tensor:
     """value Float[BM,Dh,H*W], loc Float[BM,K,2] (x, y in [0, 1]) -> Float[BM,Dh,K]; equals
-    ``grid_sample(bilinear, zeros, align_corners=False)``."""
+    ``grid_sample(bilinear, zeros, align_corners=False)``. ``height`` / ``width`` may be traced
+    sizes (exported graphs then follow the input size)."""
     x = loc[..., 0] * width - 0.5
     y = loc[..., 1] * height - 0.5
     x0, y0 = x.floor(), y.floor()
@@ -70,7 +71,11 @@ def deformable_sampling(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]
         raise ValueError(f"sampling method '{method}' is not one of {SAMPLING_METHODS}")
     batch, _, heads, head_dim = value.shape
     queries = locations.shape[1]
-    per_level_values = value.permute(0, 2, 3, 1).flatten(0, 1).split([h * w for h, w in spatial_shapes], -1)
+    flat_value = value.permute(0, 2, 3, 1).flatten(0, 1)              # Float[BM,Dh,S]
+    per_level_values, start = [], 0
+    for h, w in spatial_shapes:   # slices, not split(): sizes stay symbolic when traced for export
+        per_level_values.append(flat_value[..., start:start + h * w])
+        start = start + h * w
     per_level_locs = locations.transpose(1, 2).flatten(0, 1).split(list(points_per_level), dim=2)
     sampled = []
     for (h, w), level_value, level_loc in zip(spatial_shapes, per_level_values, per_level_locs):

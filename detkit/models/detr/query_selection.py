@@ -55,8 +55,12 @@ class LevelProjection(nn.Module):
 
 
 def flatten_levels(levels: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-    """[Float[B,D,Hl,Wl]] -> (memory Float[B,S,D], [(Hl, Wl)])."""
-    shapes = [(int(x.shape[-2]), int(x.shape[-1])) for x in levels]
+    """[Float[B,D,Hl,Wl]] -> (memory Float[B,S,D], [(Hl, Wl)]); the sizes are ints, or traced
+    sizes while tracing for export (so that the graph follows the input size)."""
+    if torch.jit.is_tracing():
+        shapes = [(x.shape[-2], x.shape[-1]) for x in levels]
+    else:
+        shapes = [(int(x.shape[-2]), int(x.shape[-1])) for x in levels]
     return torch.cat([x.flatten(2).transpose(1, 2) for x in levels], 1), shapes
 
 
@@ -85,9 +89,10 @@ def make_anchors(shapes: Sequence[tuple[int, int]], *, grid_size: float = 0.05, 
     """One anchor per memory position: its pixel centre and a size ``grid_size * 2**level``.
     Returns (box logits Float[1,S,4], valid Bool[1,S,1]). Cached per shapes: a training run sees
     few distinct input sizes."""
-    key = tuple((int(h), int(w)) for h, w in shapes)
-    build = _anchors_cached.__wrapped__ if torch.jit.is_tracing() else _anchors_cached
-    return build(key, grid_size, eps, torch.device(device or "cpu"), dtype)
+    where = torch.device(device or "cpu")
+    if torch.jit.is_tracing():   # no cache: traced sizes keep the anchors following the input
+        return _anchors_cached.__wrapped__(tuple(shapes), grid_size, eps, where, dtype)
+    return _anchors_cached(tuple((int(h), int(w)) for h, w in shapes), grid_size, eps, where, dtype)
 
 
 class QuerySelection(nn.Module):
@@ -116,7 +121,7 @@ class QuerySelection(nn.Module):
         features = self.memory_proj(valid.to(memory.dtype) * memory)
         class_logits = self.score_head(features)
         box_logits = self.box_head(features) + anchor_logits
-        k = min(self.num_queries, memory.shape[1])
+        k = self.num_queries if torch.jit.is_tracing() else min(self.num_queries, memory.shape[1])
         index = class_logits.max(-1).values.topk(k, dim=1).indices[..., None]
         topk_box_logits = box_logits.gather(1, index.expand(-1, -1, 4))
         return {"queries": features.gather(1, index.expand(-1, -1, features.shape[-1])).detach(),

@@ -145,7 +145,8 @@ class RTDETRHead(nn.Module):
         encoder = {"pred_logits": selected["logits"], "pred_boxes": selected["boxes"]}
         outputs = assemble_outputs(layers, encoder, None if dn is None else dn.meta, pre)
         stride = self.first_stride
-        outputs["image_size"] = (int(first.shape[-2]) * stride, int(first.shape[-1]) * stride)
+        height, width = first.shape[-2:]
+        outputs["image_size"] = (height * stride, width * stride)   # (traced sizes when exporting)
         return outputs
 
     def loss(self, outputs: dict, targets: list[dict],

@@ -1,5 +1,5 @@
-"""The heads export to ONNX with the gather sampler (no GridSample node; dynamic batch) and ONNX
-Runtime gives PyTorch's outputs."""
+"""The heads export to ONNX with the gather sampler (no GridSample node; dynamic batch and
+feature sizes) and ONNX Runtime gives PyTorch's outputs, at the traced size and at others."""
 
 import warnings
 
@@ -44,10 +44,13 @@ def test_onnx_runtime_equals_pytorch(kind, kw, tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, tuple(feats), str(path), input_names=["p3", "p4", "p5"],
                           output_names=["logits", "boxes"], opset_version=17, dynamo=False,
-                          dynamic_axes={n: {0: "batch"} for n in ("p3", "p4", "p5", "logits", "boxes")})
+                          dynamic_axes={**{n: {0: "batch", 2: f"h_{n}", 3: f"w_{n}"}
+                                           for n in ("p3", "p4", "p5")},
+                                        "logits": {0: "batch"}, "boxes": {0: "batch"}})
     assert "GridSample" not in {n.op_type for n in onnx.load(str(path)).graph.node}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in ([f * 1.3 for f in feats], [f[1:] for f in feats]):
+    other_size = [torch.randn(1, 16, 14 // s, 24 // s, generator=g) for s in (1, 2, 4)]   # 14x24, 7x12, 3x6
+    for batch in ([f * 1.3 for f in feats], [f[1:] for f in feats], other_size):
         with torch.no_grad():
             ref = model(*batch)
         out = session.run(None, {n: f.numpy() for n, f in zip(("p3", "p4", "p5"), batch)})
