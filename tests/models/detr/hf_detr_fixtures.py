@@ -58,7 +58,10 @@ def _randomise_head(model, generator):
     perturb every head tensor so that each path shows up in the outputs; BN statistics too."""
     for name, p in model.named_parameters():
         if is_head_key(name) and p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+            # the box heads' last layers get more, so that D-FINE's edge distributions are far
+            # from flat (the weighting function, reg_scale and up then show in the boxes)
+            strong = ".layers.2." in name and "bbox_embed" in name
+            p.add_(torch.randn(p.shape, generator=generator) * (0.5 if strong else 0.1))
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.BatchNorm2d) and is_head_key(name + "."):
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.2)
