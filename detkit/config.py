@@ -61,6 +61,8 @@ def _read_yaml(path: Path) -> dict:
                           f"refused): {e.problem} {e.problem_mark}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -69,16 +71,27 @@ def _read_yaml(path: Path) -> dict:
 
 
 def merge(base: dict, update: dict) -> dict:
-    """Deep-merge ``update`` into a copy of ``base``; mappings merge, everything else replaces."""
+    """Deep-merge ``update`` into a copy of ``base``; mappings merge, everything else replaces.
+
+    A mapping of ``update`` with ``_delete_: true`` replaces the one of ``base``; every
+    ``_delete_`` key is removed from the result (at any depth, also where nothing was inherited).
+    """
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and value.get("_delete_"):
-            out[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != "_delete_"}
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not value.get("_delete_") and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _without_delete(value)
     return out
+
+
+def _without_delete(value: Any) -> Any:
+    """A deep copy of ``value`` without ``_delete_`` keys (they only steer :func:`merge`)."""
+    if isinstance(value, dict):
+        return {k: _without_delete(v) for k, v in value.items() if k != "_delete_"}
+    if isinstance(value, list):
+        return [_without_delete(v) for v in value]
+    return copy.deepcopy(value)
 
 
 def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
@@ -114,7 +127,9 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 
     The parent mapping must exist; a new leaf key is allowed only where the parent already is a
     mapping (so ``model.backbone.depht=18`` fails with a suggestion instead of adding junk).
-    List items are addressed by index: ``data.train.pipeline.0.p=0.5``.
+    List items are addressed by index: ``data.train.pipeline.0.p=0.5``. A mapping value merges
+    into the mapping already there exactly as a file does, so ``_delete_: true`` inside it
+    replaces instead (``'data.train.dataset={_delete_: true, type: YoloDetection, ...}'``).
     """
     cfg = copy.deepcopy(cfg)
     for item in overrides:
@@ -129,15 +144,21 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
         last = parts[-1]
         if isinstance(node, list):
             idx = _index(node, last, key)
-            node[idx] = value
+            node[idx] = _merged_value(node[idx], value)
         elif isinstance(node, dict):
             if last not in node and node and not _is_open_mapping(node):
                 raise ConfigError(f"override {key}: no key '{last}'{closest(last, node)}; "
                                   f"existing keys: {', '.join(map(str, node))}")
-            node[last] = value
+            node[last] = _merged_value(node.get(last), value)
         else:
             raise ConfigError(f"override {key}: '{'.'.join(parts[:-1])}' is not a mapping")
     return cfg
+
+
+def _merged_value(current: Any, value: Any) -> Any:
+    """An override value as a file would leave it: a mapping merges into ``current`` (or replaces
+    it with ``_delete_: true``); anything else replaces."""
+    return merge({"v": current}, {"v": value})["v"]
 
 
 def _is_open_mapping(node: dict) -> bool:

@@ -50,19 +50,26 @@ def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
     return params
 
 
-def check_kwargs(fn: Callable, kwargs: dict, path: str, owner: str) -> None:
-    """Raise ConfigError if ``kwargs`` has a key ``fn`` does not accept, or lacks a required one."""
+def check_kwargs(fn: Callable, kwargs: dict, path: str, owner: str, *,
+                 also_valid: Sequence[str] = ()) -> None:
+    """Raise ConfigError if ``kwargs`` has a key ``fn`` does not accept, or lacks a required one.
+
+    ``also_valid``: keys of the same config node that the caller consumed before (a detector's
+    ``num_classes``, ``backbone`` ...): a typo of one of them is suggested and they are listed
+    among the valid arguments, so ``num_clases`` gets "did you mean 'num_classes'".
+    """
     params = _parameters(fn)
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     allowed = [n for n, p in params.items()
                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                and n not in ("self", "cls")]
     if not accepts_any:
+        valid = sorted({*allowed, *also_valid})
         for key in kwargs:
             if key not in allowed:
                 raise ConfigError(
-                    f"{path}.{key}: '{owner}' has no argument '{key}'{closest(key, allowed)}; "
-                    f"valid arguments: {', '.join(sorted(allowed))}")
+                    f"{path}.{key}: '{owner}' has no argument '{key}'{closest(key, valid)}; "
+                    f"valid arguments: {', '.join(valid)}")
     for name, p in params.items():
         if (name in allowed and p.default is inspect.Parameter.empty and name not in kwargs):
             raise ConfigError(f"{path}: '{owner}' needs the argument '{name}'")

@@ -175,3 +175,43 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert cfg["train"]["optimizer"] == {"lr": 1e-4, "weight_decay": 0.05}
     assert cfg["train"]["eps"] == 5.0 and cfg["train"]["name"] == "1e-4"   # quoted stays a string
     assert apply_overrides(cfg, ["train.optimizer.lr=2e-3"])["train"]["optimizer"]["lr"] == 2e-3
+
+
+# ---------------------------------------------------------------- issue 29: --set like a file
+def test_set_mapping_with_delete_replaces_as_in_a_file(cfg_tree):
+    """``_delete_: true`` inside ``--set`` replaces the mapping (it used to be passed on as a key
+    and fail in the builder); without it a mapping merges, as the same YAML in a file does."""
+    cfg = load_config(cfg_tree, ["model.backbone={_delete_: true, type: DarkNet, depth: 53}"])
+    assert cfg["model"]["backbone"] == {"type": "DarkNet", "depth": 53}
+    merged = load_config(cfg_tree, ["model.backbone={depth: 34, frozen_stages: 1}"])
+    assert merged["model"]["backbone"] == {"type": "ResNet", "depth": 34, "out_features": ["c3", "c4", "c5"],
+                                           "frozen_stages": 1}
+    file_cfg = write(cfg_tree.parent / "same.yaml", """
+        _base_: [cfg.yaml]
+        model: {backbone: {_delete_: true, type: DarkNet, depth: 53}}
+    """)
+    assert load_config(file_cfg)["model"] == cfg["model"]
+
+
+def test_delete_keys_never_reach_the_result(tmp_path):
+    """A ``_delete_`` where nothing was inherited, or nested in a replaced mapping, is dropped too."""
+    path = write(tmp_path / "c.yaml", """
+        data: {train: {dataset: {_delete_: true, type: CocoDetection, inner: {_delete_: true, a: 1}}}}
+    """)
+    assert load_config(path)["data"]["train"]["dataset"] == {"type": "CocoDetection", "inner": {"a": 1}}
+    over = load_config(path, ["data.train={dataset: {_delete_: true, type: YoloDetection}}"])
+    assert over["data"]["train"] == {"dataset": {"type": "YoloDetection"}}
+
+
+def test_nested_typo_of_a_detector_key_is_suggested():
+    """``--set model.num_clases=3``: the detector consumes num_classes itself, so the generic
+    keyword check did not know it and gave no suggestion."""
+    from detkit.models import build_model
+    cfg = load_config("configs/centernet/centernet_r18_shapes.yaml",
+                      ["model.backbone.weights=null", "model.num_clases=3"])
+    with pytest.raises(ConfigError, match=r"model\.num_clases.*did you mean 'num_classes'"):
+        build_model(cfg["model"])
+    cfg = load_config("configs/faster_rcnn/faster_rcnn_r18_fpn_shapes.yaml",
+                      ["model.backbone.weights=null", "model.roi_heda={}"])
+    with pytest.raises(ConfigError, match=r"model\.roi_heda.*did you mean 'roi_head'"):
+        build_model(cfg["model"])

@@ -126,5 +126,5 @@ def build_backbone_and_neck(cfg: dict, path: str) -> tuple[nn.Module, nn.Module 
 def base_kwargs(cfg: dict, path: str, owner: str, component_keys: Sequence[str]) -> dict:
     """The keys of a detector config that are not components, checked against ``Detector``."""
     rest = {k: v for k, v in cfg.items() if k not in component_keys}
-    check_kwargs(Detector.__init__, rest, path, owner)
+    check_kwargs(Detector.__init__, rest, path, owner, also_valid=component_keys)
     return rest
