@@ -24,8 +24,9 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -145,7 +146,9 @@ def _reset_group_counter() -> None:
     # init_process_group names a group from a counter that only destroy_process_group resets. A try
     # that failed inside init_process_group leaves it one up on this rank alone, and the next try
     # would wait for keys ("<prefix>/1//cpu...") that a peer which failed earlier writes under "0".
-    world = getattr(dist.distributed_c10d, "_world", None)  # private; absent: nothing to reset
+    # The counter is private (distributed_c10d._world.group_count); a test asserts that it exists,
+    # so a torch that renames it fails the suite instead of silently breaking retried joins.
+    world = getattr(dist.distributed_c10d, "_world", None)
     if world is not None and hasattr(world, "group_count"):
         world.group_count = 0
 
@@ -161,11 +164,40 @@ def _join_once(backend: str, *, rank: int, world_size: int, device: torch.device
     if device is not None:
         kwargs["device_id"] = device  # binds NCCL to this GPU up front (no guessing at barrier)
     # Connecting must finish by the deadline; collectives then get their own timeout.
+    settable = _timeout_setter() is not None
+    # Without a way to change a group's timeout later, the group is created with the collectives'
+    # timeout: then a try whose peer failed waits that long in its connect (not a third of the
+    # join time), but a barrier while rank 0 writes a large checkpoint does not fail.
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
-                            world_size=world_size, timeout=_remaining(deadline), **kwargs)
-    if hasattr(dist, "set_timeout"):  # torch >= 2.6; older versions keep the join timeout
-        dist.set_timeout(timeout)
+                            world_size=world_size,
+                            timeout=_remaining(deadline) if settable else timeout, **kwargs)
+    set_collective_timeout(timeout)
     store.set_timeout(timeout)
+
+
+def _timeout_setter() -> Callable[..., None] | None:
+    """The function that changes the default group's timeout on this torch, or None.
+
+    ``dist.set_timeout`` is public in recent torch; from torch 2.2 to then the same is the private
+    ``distributed_c10d._set_pg_timeout`` (deprecated, with a FutureWarning, once the public one
+    exists); torch 2.1 has neither.
+    """
+    public = getattr(dist, "set_timeout", None)
+    if callable(public):
+        return public
+    private = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    return private if callable(private) else None
+
+
+def set_collective_timeout(timeout: timedelta) -> bool:
+    """Give every later collective of the default group ``timeout``; False where torch cannot."""
+    setter = _timeout_setter()
+    if setter is None:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        setter(timeout)
+    return True
 
 
 def _remaining(deadline: float) -> timedelta:
