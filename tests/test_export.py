@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,62 @@ def test_bad_size_and_foreign_checkpoint(tmp_path, capsys):
     code = export.main([str(tmp_path / "tiny.yaml"), str(tmp_path / "foreign.pth"), "--out",
                         str(tmp_path / "x.onnx"), "--size", "64", "64", "--no-check"])
     assert code == 2 and "refused" in capsys.readouterr().err
+
+
+def test_rfcn_psroialign_below_opset_16_is_refused(tmp_path, capsys):
+    """ONNX RoiAlign has no half-pixel mode before opset 16: torchvision's legacy form shifted
+    every R-FCN box (100/100 detections wrong) with only a warning."""
+    code = export.main([str(ROOT / "configs/rfcn/rfcn_r18_shapes.yaml"), "none", "--out",
+                        str(tmp_path / "x.onnx"), "--size", "64", "64", "--opset", "15"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--opset 16" in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_metadata_carries_category_ids_and_the_graph_inputs(tmp_path):
+    torch.save({"model": build_model(TINY_MODEL).state_dict(),
+                "meta": {"class_names": CLASSES, "label_to_cat_id": [1, 7, 9]}}, tmp_path / "m.pth")
+    dump_config({"model": TINY_MODEL}, tmp_path / "m.yaml")
+    out = tmp_path / "m.onnx"
+    assert export.main([str(tmp_path / "m.yaml"), str(tmp_path / "m.pth"), "--out", str(out),
+                        "--size", "64", "64", "--no-check"]) == 0
+    info = json.loads(Path(f"{out}.json").read_text())
+    assert info["label_to_cat_id"] == [1, 7, 9] and info["inputs"] == ["images", "image_sizes"]
+    import onnx
+
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == ["images", "image_sizes"]
+    default = next(t for t in graph.initializer if t.name == "image_sizes")
+    assert list(default.dims) == [1, 2]
+
+
+def _as_outputs(boxes, scores, labels):
+    return {"boxes": np.array([boxes], np.float32), "scores": np.array([scores], np.float32),
+            "labels": np.array([labels], np.int64), "num_detections": np.array([len(scores)])}
+
+
+def test_check_compares_coordinates_so_zero_area_boxes_match():
+    """An untrained CenterNet's zero-area boxes (IoU 0/0 with themselves) are equal detections."""
+    from detkit.deploy.check import compare_detections
+
+    boxes = [[324.0, 464.0, 324.0, 464.0], [10.0, 10.0, 30.0, 40.0]]
+    ref = [{"boxes": torch.tensor(boxes), "scores": torch.tensor([0.5, 0.4]),
+            "labels": torch.tensor([2, 1])}]
+    assert compare_detections(_as_outputs(boxes, [0.5, 0.4], [2, 1]), ref, 512) == []
+    moved = [[324.0, 464.0, 325.0, 464.0], [10.0, 10.0, 30.0, 40.0]]
+    problems = compare_detections(_as_outputs(moved, [0.5, 0.4], [2, 1]), ref, 512)
+    assert len(problems) == 1 and "1 PyTorch detections have no equal" in problems[0]
+
+
+def test_check_names_score_ties():
+    """Random-weight YOLOv3-tiny scores every candidate 0.0050000 +- 1e-7: which of tied boxes
+    top-k and NMS keep is not defined, and the message says the differences are ties."""
+    from detkit.deploy.check import compare_detections
+
+    ref = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20.0, 0, 30, 10], [40.0, 0, 50, 10]]),
+            "scores": torch.tensor([0.0050001, 0.0050000, 0.0050000]), "labels": torch.tensor([0, 0, 0])}]
+    out = _as_outputs([[0.0, 0, 10, 10], [20.0, 0, 30, 10], [60.0, 0, 70, 10], [80.0, 0, 90, 10]],
+                      [0.0050001, 0.0050000, 0.0050000, 0.0050000], [0, 0, 0, 0])
+    problems = compare_detections(out, ref, 128)
+    assert problems == [problems[0]] and "4 detections, PyTorch 3" in problems[0]
+    assert "1 PyTorch detections have no equal in the exported output (1 of them tie" in problems[0]
