@@ -127,17 +127,18 @@ class RTDETRHead(nn.Module):
         first = features[self.in_features[0]]
         levels = self.input_proj([features[n] for n in self.in_features])
         memory, shapes = flatten_levels(levels)
+        selected = self.query_selection(memory, shapes)      # K = min(Q, S) queries (tiny maps: S < Q)
+        num_selected = selected["queries"].shape[1]
+        queries = (self.query_embed.weight[None, :num_selected].expand(memory.shape[0], -1, -1)
+                   if self.query_embed is not None else selected["queries"])
+        reference = selected["box_logits"].detach()
         dn = None
         if self.training and targets is not None and self.denoising_embed is not None:
             dn = contrastive_denoising_queries(
-                targets, num_classes=self.num_classes, num_queries=self.num_queries,
+                targets, num_classes=self.num_classes, num_queries=num_selected,
                 label_embed=self.denoising_embed, num_denoising=self.num_denoising,
                 label_noise_ratio=self.label_noise_ratio, box_noise_scale=self.box_noise_scale,
                 generator=self.denoising_generator)
-        selected = self.query_selection(memory, shapes)
-        queries = (self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
-                   if self.query_embed is not None else selected["queries"])
-        reference = selected["box_logits"].detach()
         if dn is not None:
             queries = torch.cat([dn.embeddings, queries], 1)
             reference = torch.cat([dn.box_logits, reference], 1)

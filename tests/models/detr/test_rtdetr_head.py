@@ -122,3 +122,13 @@ def test_config_typos_and_bad_features_are_errors():
     with pytest.raises(ConfigError, match="p6"):
         HEADS.build({"type": "DFINEHead", "in_features": ["p4", "p6"]}, "model.head", input_shapes=SHAPES,
                     num_classes=3)
+
+
+@pytest.mark.parametrize("kind", ["RTDETRHead", "DFINEHead"])
+def test_maps_with_fewer_positions_than_queries(kind):
+    """A 64x64 input has 8x8 + 4x4 + 2x2 = 84 positions, fewer than 100 queries: all are kept."""
+    head = _head(kind, num_queries=100, learn_initial_query=True).train()
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}] * 2
+    out = head(_features(h=64, w=64), targets)
+    assert out["pred_logits"].shape == (2, 84, 3) and out["dn_meta"]["dn_num_split"] == [20, 84]
+    assert len(head.predict(out, [(64, 64)] * 2)[0]["scores"]) == 12      # num_top_queries
