@@ -116,7 +116,12 @@ def read_image(path, *, exif: bool = True) -> np.ndarray:
     if not data:
         raise ImageReadError(f"empty image file: {path}")
     _check_complete(data, path)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:   # OpenCV asserts instead of returning None, e.g. above 2^30 pixels
+        reason = "more pixels than OpenCV decodes (2^30; OPENCV_IO_MAX_IMAGE_PIXELS raises it)" \
+            if "MAX_IMAGE_PIXELS" in str(e) else str(e).strip().splitlines()[-1]
+        raise ImageReadError(f"cannot decode image file {path}: {reason}") from None
     if image is None or image.size == 0:
         raise ImageReadError(f"cannot decode image file (corrupt or unsupported format): {path}")
     image = _to_rgb(_to_uint8(image, path), path)

@@ -12,6 +12,7 @@ evaluation ignores them) unless ``keep_difficult=False`` drops them.
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -39,6 +40,13 @@ def _number(node, tag: str, xml_file: Path) -> float:
         raise ValueError(f"{xml_file}: <{tag}> is {text!r}, expected a number") from None
 
 
+def _pixels(node, tag: str, xml_file: Path) -> int:
+    value = _number(node, tag, xml_file)
+    if not math.isfinite(value):   # int() would raise OverflowError for inf, not a ValueError
+        raise ValueError(f"{xml_file}: <{tag}> is {value}, expected a size in pixels")
+    return int(value)
+
+
 def parse_voc_xml(xml_file: Path, class_index: dict[str, int]) -> dict:
     """One VOC XML -> ``size`` (H, W) or None, ``boxes`` Float[N,4] (0-based pixel edges),
     ``labels``, ``difficult``. An object whose class is not in ``class_index`` is an error."""
@@ -51,7 +59,7 @@ def parse_voc_xml(xml_file: Path, class_index: dict[str, int]) -> dict:
     size = root.find("size")
     hw = None
     if size is not None and size.findtext("width") and size.findtext("height"):
-        hw = (int(_number(size, "height", xml_file)), int(_number(size, "width", xml_file)))
+        hw = (_pixels(size, "height", xml_file), _pixels(size, "width", xml_file))
     boxes, labels, difficult = [], [], []
     for i, obj in enumerate(root.iter("object")):
         name = (obj.findtext("name") or "").strip()

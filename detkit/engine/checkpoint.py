@@ -233,6 +233,12 @@ def load_model_weights(model: nn.Module, state: dict, *, source: str = "checkpoi
     loaded; mismatching layers keep the fresh initialisation of the newly built model and are
     named through ``log``, as are missing/unexpected keys. Returns the three key lists.
     """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: the weights are a {type(state).__name__}, not a state dict")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: not a state dict of tensors: '{bad}' is a "
+                              f"{type(state[bad]).__name__}")
     state = _strip_prefix(dict(state))
     own = model.state_dict()
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
