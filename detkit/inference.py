@@ -31,6 +31,7 @@ from typing import Any, Sequence, TypeGuard
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
 from .config import ConfigError, get_path, load_config, load_yaml
@@ -122,7 +123,11 @@ def _resolve_config(config, ckpt: dict | None, checkpoint) -> dict:
         raise ConfigError("Predictor: no config given and "
                           + (f"{checkpoint} does not contain one" if ckpt is not None
                              else "no checkpoint to read one from"))
-    cfg = load_yaml(text)
+    try:
+        cfg = load_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{checkpoint}: the stored config is not valid YAML ({type(e).__name__}); "
+                          f"give the config file as well") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{checkpoint}: the stored config is not a mapping")
     return cfg
