@@ -132,3 +132,39 @@ def test_maps_with_fewer_positions_than_queries(kind):
     out = head(_features(h=64, w=64), targets)
     assert out["pred_logits"].shape == (2, 84, 3) and out["dn_meta"]["dn_num_split"] == [20, 84]
     assert len(head.predict(out, [(64, 64)] * 2)[0]["scores"]) == 12      # num_top_queries
+
+
+class _FirstQueryCriterion(torch.nn.Module):
+    """A stand-in for the set criterion: the first query of each image must predict the image's
+    only object, every other query background, on every layer and the encoder proposals."""
+
+    def forward(self, outputs, targets):
+        from torchvision.ops import sigmoid_focal_loss
+
+        total = 0.0
+        for layer in [outputs, *outputs["aux_outputs"], *outputs["enc_aux_outputs"]]:
+            onehot = torch.zeros_like(layer["pred_logits"])
+            for b, t in enumerate(targets):
+                onehot[b, 0, t["labels"][0]] = 1
+            gt = torch.stack([t["boxes"][0] for t in targets])
+            total = total + 20 * sigmoid_focal_loss(layer["pred_logits"], onehot, reduction="mean")
+            total = total + (layer["pred_boxes"][:, 0] - gt).abs().mean() * 5
+        return {"loss_first_query": total}
+
+
+@pytest.mark.parametrize("kind", ["RTDETRHead", "DFINEHead"])
+def test_a_few_iterations_lower_the_loss(kind):
+    head = _head(kind, criterion=_FirstQueryCriterion(), num_denoising=0).train()
+    features = _features(h=64, w=96)
+    targets = [{"boxes": torch.tensor([[8.0, 16.0, 40.0, 56.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[50.0, 4.0, 90.0, 30.0]]), "labels": torch.tensor([0])}]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        loss = head.loss(head(features), targets, [(64, 96)] * 2)["loss_first_query"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
