@@ -9,6 +9,8 @@ returns xyxy pixels. The raw-output dict follows the RT-DETR / D-FINE SetCriteri
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from typing import Any, Sequence
 
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import DetkitError
-from ...registry import HEADS
+from ...registry import HEADS, ConfigError, closest, construct
 from ...structures import ShapeSpec
 from ..detr.attention import MSDeformableAttention
 from ..detr.decoder import DecoderLayer, RTDETRDecoder
@@ -24,7 +26,28 @@ from ..detr.denoising import contrastive_denoising_queries
 from ..detr.outputs import assemble_outputs, detr_targets_from_detkit, topk_predictions
 from ..detr.query_selection import LevelProjection, QuerySelection, flatten_levels
 
-__all__ = ["RTDETRHead"]
+__all__ = ["RTDETRHead", "build_criterion"]
+
+CRITERION_MODULE = "detkit.models.detr.criterion"
+
+
+def build_criterion(node: dict, path: str, num_classes: int | None = None) -> nn.Module:
+    """A criterion from its config node ``{type: <class exported by detkit.models.detr.criterion>,
+    ...}``; it gets the head's ``num_classes`` when it takes one and the node does not set it."""
+    kwargs = {k: v for k, v in node.items() if k != "type"}
+    name = str(node.get("type"))
+    try:
+        module = importlib.import_module(CRITERION_MODULE)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"{path}: no criterion module ({CRITERION_MODULE}) in this detkit") from e
+    names = list(getattr(module, "__all__", []))
+    if name not in names:
+        raise ConfigError(f"{path}.type: unknown criterion '{name}'{closest(name, names)}; "
+                          f"available: {', '.join(sorted(names)) or '(none)'}")
+    cls = getattr(module, name)
+    if "num_classes" in inspect.signature(cls).parameters and "num_classes" not in kwargs:
+        kwargs["num_classes"] = num_classes
+    return construct(cls, kwargs, path, name)
 
 
 @HEADS.register()
@@ -44,7 +67,8 @@ class RTDETRHead(nn.Module):
         num_denoising / label_noise_ratio / box_noise_scale: contrastive denoising in training.
         learn_initial_query: learned query features instead of the selected memory features.
         num_top_queries: detections kept per image by ``predict``.
-        criterion: the loss module, called ``criterion(outputs, detr_targets)``; None for inference.
+        criterion: the loss module, called ``criterion(outputs, detr_targets)``; None for inference
+            (in a config: a node naming a class of ``detkit.models.detr.criterion``).
     """
 
     decoder: Any                   # RTDETRDecoder or FDRDecoder (see build_decoder)
@@ -93,6 +117,16 @@ class RTDETRHead(nn.Module):
         self.decoder = self.build_decoder(layers, hidden_dim)
         self.criterion = criterion
         self._init_heads()
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, path: str, **extra: Any) -> "RTDETRHead":
+        """As the constructor, except that ``criterion`` may be a config node (see
+        :func:`build_criterion`)."""
+        kwargs = {**cfg, **extra}
+        if isinstance(kwargs.get("criterion"), dict):
+            kwargs["criterion"] = build_criterion(kwargs["criterion"], f"{path}.criterion",
+                                                  kwargs.get("num_classes"))
+        return construct(cls, kwargs, path, cls.__name__)
 
     def build_decoder(self, layers: list[DecoderLayer], hidden_dim: int) -> nn.Module:
         return RTDETRDecoder(layers=layers, embed_dim=hidden_dim, num_classes=self.num_classes)

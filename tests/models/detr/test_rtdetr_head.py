@@ -168,3 +168,26 @@ def test_a_few_iterations_lower_the_loss(kind):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_criterion_from_a_config_node(monkeypatch):
+    import sys
+    import types
+
+    class ToyCriterion(torch.nn.Module):
+        def __init__(self, *, num_classes: int, weight: float = 1.0):
+            super().__init__()
+            self.num_classes, self.weight = num_classes, weight
+
+    fake = types.ModuleType("detkit.models.detr.criterion")
+    fake.ToyCriterion, fake.__all__ = ToyCriterion, ["ToyCriterion"]
+    monkeypatch.setitem(sys.modules, "detkit.models.detr.criterion", fake)
+    head = HEADS.build({"type": "DFINEHead", **SMALL, "criterion": {"type": "ToyCriterion", "weight": 2.0}},
+                       "model.head", input_shapes=SHAPES, num_classes=3)
+    assert isinstance(head.criterion, ToyCriterion) and head.criterion.num_classes == 3
+    with pytest.raises(ConfigError, match=r"model.head.criterion.type: unknown criterion 'ToyCriterio'"):
+        HEADS.build({"type": "RTDETRHead", "criterion": {"type": "ToyCriterio"}}, "model.head",
+                    input_shapes=SHAPES, num_classes=3)
+    with pytest.raises(ConfigError, match="model.head.criterion.wieght"):
+        HEADS.build({"type": "RTDETRHead", "criterion": {"type": "ToyCriterion", "wieght": 1}}, "model.head",
+                    input_shapes=SHAPES, num_classes=3)
