@@ -74,9 +74,11 @@ class SelfAttention(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.reshape(batch, queries, self.num_heads, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.q_proj(qk_in)), heads(self.k_proj(qk_in)), heads(self.v_proj(x)),
-            attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = heads(self.q_proj(qk_in)), heads(self.k_proj(qk_in)), heads(self.v_proj(x))
+        if attn_mask is not None:      # under autocast the queries may be half precision
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, queries, dim))
 
 

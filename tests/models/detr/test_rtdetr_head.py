@@ -191,3 +191,17 @@ def test_criterion_from_a_config_node(monkeypatch):
     with pytest.raises(ConfigError, match="model.head.criterion.wieght"):
         HEADS.build({"type": "RTDETRHead", "criterion": {"type": "ToyCriterion", "wieght": 1}}, "model.head",
                     input_shapes=SHAPES, num_classes=3)
+
+
+@pytest.mark.parametrize("kind,exportable", [("RTDETRHead", False), ("DFINEHead", True)])
+def test_training_step_under_bfloat16_autocast(kind, exportable):
+    head = _head(kind, exportable=exportable).train()
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(_features(), targets)
+    layers = [out, *out["aux_outputs"], *out["dn_outputs"], *out["enc_aux_outputs"]]
+    total = sum(x["pred_boxes"].float().sum() + x["pred_logits"].float().mean() for x in layers)
+    total.backward()
+    assert torch.isfinite(total)
+    grads = [p.grad for p in head.decoder.layers[0].cross_attn.sampling_offsets.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
