@@ -485,3 +485,13 @@ def test_found_a_voc_size_of_inf_names_the_file(tmp_path):
     xml.write_text("<annotation><size><width>20</width><height>inf</height></size></annotation>")
     with pytest.raises(ValueError, match=r"x.xml: <height> is inf, expected a size"):   # OverflowError before
         parse_voc_xml(xml, {"cat": 0})
+
+
+def test_found_a_yolo_class_index_of_inf_is_a_dataset_error(tmp_path):
+    from detkit.data.yolo import parse_yolo_txt
+    from detkit.errors import DatasetError
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("0 0.5 0.5 0.1 0.1\ninf 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError, match=r"a.txt:2: not numbers: 'inf 0.5"):   # OverflowError before
+        parse_yolo_txt(txt, 2)

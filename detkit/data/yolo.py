@@ -50,7 +50,7 @@ def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]
             continue
         try:
             cls, values = int(float(parts[0])), [float(v) for v in parts[1:]]
-        except ValueError:
+        except (ValueError, OverflowError):   # OverflowError: a class index of inf
             raise DatasetError(f"{txt}:{lineno}: not numbers: {line.strip()!r}") from None
         if float(parts[0]) != cls or not 0 <= cls < num_classes:
             raise DatasetError(f"{txt}:{lineno}: class index {parts[0]} is outside 0..{num_classes - 1} "
