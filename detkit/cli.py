@@ -97,6 +97,9 @@ def training_parser(description: str | None, *, config_help: str,
                         help=f"config overrides, e.g. {set_example}")
     parser.add_argument("--deterministic", action="store_true",
                         help="seed everything and use deterministic algorithms (slower)")
+    parser.add_argument("--data", metavar="PATH", help="your own data instead of the config's: a data.yaml "
+                        "or a COCO / YOLO / VOC folder (format, splits and class count found from it)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available)")
     add_debug_flag(parser)
     return parser
 
@@ -111,7 +114,8 @@ def run_training(train: Callable[..., object], args: argparse.Namespace) -> int:
     group is torn down in every case.
     """
     # imported here: the engine (torch, the models) is not needed to print --help or an error
-    from .config import load_config
+    from .data.sources import load_training_config
+    from .device import select_training_device
     from .engine.dist import cleanup_distributed
     from .engine.logging import finish_training
     from .engine.preemption import TrainingInterrupted
@@ -119,7 +123,8 @@ def run_training(train: Callable[..., object], args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     started = time.perf_counter()
     try:
-        cfg = load_config(args.config, args.overrides)
+        select_training_device(args.device)
+        cfg = load_training_config(args.config, args.overrides, data=args.data)
         train(cfg, work_dir, resume=args.resume, deterministic=args.deterministic)
     except TrainingInterrupted as e:
         print(e, file=sys.stderr, flush=True)

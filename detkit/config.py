@@ -12,6 +12,7 @@ into it.
 Segmentation has one key for the ignored mask value: ``data.ignore_index`` (255 when absent).
 :func:`load_config` copies it to every place that needs it (see :func:`propagate_ignore_index`),
 so the resolved config shows them all; a conflicting value set by hand is an error.
+``data.image_size`` is the one key for the input size (see :func:`propagate_image_size`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
 from .registry import ConfigError, closest
 
 __all__ = ["ConfigError", "load_config", "load_yaml", "merge", "apply_overrides", "dump_config",
-           "get_path", "check_keys", "propagate_ignore_index"]
+           "get_path", "check_keys", "propagate_ignore_index", "propagate_image_size"]
 
 # Where data.ignore_index goes: the Segmentor's head (loss), the SegEvaluator (scores), the
 # SemanticSegDataset nodes (mask checks) and the mask padding of the resize transforms.
@@ -146,13 +147,18 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             idx = _index(node, last, key)
             node[idx] = _merged_value(node[idx], value)
         elif isinstance(node, dict):
-            if last not in node and node and not _is_open_mapping(node):
+            if last not in node and node and not _is_open_mapping(node) \
+                    and ".".join(parts) not in _OPTIONAL_KEYS:
                 raise ConfigError(f"override {key}: no key '{last}'{closest(last, node)}; "
                                   f"existing keys: {', '.join(map(str, node))}")
             node[last] = _merged_value(node.get(last), value)
         else:
             raise ConfigError(f"override {key}: '{'.'.join(parts[:-1])}' is not a mapping")
     return cfg
+
+
+# Keys a config may leave out that ``--set`` may still add (read with a default where used).
+_OPTIONAL_KEYS = ("data.image_size",)
 
 
 def _merged_value(current: Any, value: Any) -> Any:
@@ -186,10 +192,47 @@ def _step(node: Any, part: str, where: str) -> Any:
     return node[part]
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
-    """Read a YAML config with its ``_base_`` files and apply ``key.path=value`` overrides."""
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
+                before_overrides: Callable[[dict], dict] | None = None) -> dict:
+    """Read a YAML config with its ``_base_`` files and apply ``key.path=value`` overrides.
+
+    ``before_overrides``: a step between the files and the overrides (``--data`` replaces the
+    datasets there, so that ``--set`` still has the last word).
+    """
     cfg = _load_with_bases(Path(path).expanduser().resolve(), chain=())
-    return propagate_ignore_index(apply_overrides(cfg, overrides))
+    if before_overrides is not None:
+        cfg = before_overrides(cfg)
+    return propagate_image_size(propagate_ignore_index(apply_overrides(cfg, overrides)))
+
+
+# Where data.image_size goes: the size of every letterbox / mosaic, the short edge of a resize.
+_SIZE_KEYS = {"Letterbox": "size", "Mosaic": "size"}
+
+
+def propagate_image_size(cfg: dict) -> dict:
+    """``data.image_size: S`` (one key for the input size) into every data split (in place):
+    ``Letterbox`` and ``Mosaic`` ``size`` become S; a ``ResizeShortestEdge`` is scaled so that its
+    largest ``short_edge`` is S (a multi-scale list and ``max_size`` keep their ratios to it:
+    800 / [640..800] / 1333 at S=512 -> 512 / [410..512] / 853). Applying it twice changes nothing."""
+    data = cfg.get("data")
+    size = data.get("image_size") if isinstance(data, dict) else None
+    if size is None:
+        return cfg
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise ConfigError(f"data.image_size: expected a size in pixels >= 32, got {size!r}")
+    splits = {k: v for k, v in data.items() if isinstance(v, dict) and ("pipeline" in v or "dataset" in v)}
+    for node, _ in _typed_nodes(splits):
+        if node["type"] in _SIZE_KEYS:
+            node[_SIZE_KEYS[node["type"]]] = size
+        elif node["type"] == "ResizeShortestEdge":
+            edges = node.get("short_edge", 800)
+            listed = edges if isinstance(edges, list) else [edges]
+            factor = size / max(listed)
+            scaled = [int(round(e * factor)) for e in listed]
+            node["short_edge"] = scaled if isinstance(edges, list) else scaled[0]
+            if node.get("max_size", 1333):
+                node["max_size"] = int(round(node.get("max_size", 1333) * factor))
+    return cfg
 
 
 def propagate_ignore_index(cfg: dict) -> dict:

@@ -5,15 +5,45 @@ checkpoint, or a checkpoint written by ``tools/pretrain.py``: its ``meta.ssl`` n
 the backbone class and the state-dict prefix of the encoder the method transfers (MoCo's query
 encoder, BYOL's online network, DINO's teacher ...); those tensors are returned with the prefix
 removed, and what was loaded is reported on the main process.
+
+``download_torchvision_weights(weights, owner=, norm=)`` fetches a torchvision weights enum; a
+failed download (offline, proxy, broken cache) is one :class:`PretrainedWeightsError` line that
+says how to train without it (``--set model.backbone.weights=null``, plus ``norm=BN`` for a
+FrozenBN backbone, whose fixed statistics only make sense when they are pretrained).
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
-__all__ = ["read_backbone_weights"]
+from ..errors import DetkitError
+
+__all__ = ["read_backbone_weights", "download_torchvision_weights", "PretrainedWeightsError"]
+
+
+class PretrainedWeightsError(DetkitError):
+    """Pretrained backbone weights could not be downloaded; the message says how to do without."""
+
+
+def download_torchvision_weights(weights, *, owner: str, norm: str | None = None,
+                                 where: str = "model.backbone") -> dict:
+    """``weights.get_state_dict()`` of a torchvision weights enum member (downloaded once, then
+    read from torch's cache); a failure is a PretrainedWeightsError naming the overrides that
+    train from scratch instead (``where``: the backbone's key path in the config)."""
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as e:   # noqa: BLE001 - no network, proxy, refused certificate, corrupt cache
+        reason = re.sub(r"\s+", " ", f"{type(e).__name__}: {e}").strip()[:200]
+        overrides = f"{where}.weights=null" + (f" {where}.norm=BN" if norm == "FrozenBN" else "")
+        why_norm = (" (FrozenBN keeps the statistics of pretrained weights; from scratch they must be "
+                    "learnt)" if norm == "FrozenBN" else "")
+        raise PretrainedWeightsError(
+            f"{owner}: could not download the pretrained weights {weights} from {weights.url} "
+            f"({reason}); offline? train from scratch with --set {overrides}{why_norm}, or download "
+            f"the file elsewhere and set {where}.weights=/path/to/file.pth") from None
 
 
 def _log(msg: str) -> None:

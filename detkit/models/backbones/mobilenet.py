@@ -18,6 +18,7 @@ from ...errors import warn_once
 from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.frozen_bn import freeze_batch_norm
+from ..pretrained import download_torchvision_weights
 from ..utils import load_state_dict_checked
 
 __all__ = ["MobileNetV3"]
@@ -78,10 +79,10 @@ class MobileNetV3(nn.Module):
             source = f"torchvision {_ARCHS[self.arch]}.{weights}"
             try:
                 weights_enum = torchvision.models.get_weight(f"{_ARCHS[self.arch]}.{weights}")
-                state = weights_enum.get_state_dict(progress=False)
             except Exception as e:
                 raise ValueError(f"MobileNetV3: cannot load weights '{weights}' (not a file; {source}: "
                                  f"{e})") from e
+            state = download_torchvision_weights(weights_enum, owner="MobileNetV3")
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         load_state_dict_checked(self, state, strict=True, source=source)
 

@@ -26,7 +26,7 @@ from ...registry import BACKBONES
 from ...structures import ShapeSpec
 from ..layers.deform_conv import DeformConvBlock
 from ..layers.frozen_bn import FrozenBatchNorm2d
-from ..pretrained import read_backbone_weights
+from ..pretrained import download_torchvision_weights, read_backbone_weights
 from ..utils import load_state_dict_checked
 from ._frozen import FrozenStagesBackbone
 
@@ -161,11 +161,7 @@ class ResNet(FrozenStagesBackbone):
             except (ValueError, KeyError) as e:
                 raise ValueError(f"ResNet: unknown weights '{weights}' for depth {self.depth} (neither "
                                  f"an existing file nor a torchvision name such as IMAGENET1K_V1)") from e
-            try:
-                state = enum.get_state_dict(progress=False)
-            except Exception as e:  # no network, bad cache ...
-                raise RuntimeError(f"ResNet: could not download {source} ({e}); download it elsewhere "
-                                   f"and pass the local file path as 'weights'") from e
+            state = download_torchvision_weights(enum, owner=f"ResNet-{self.depth}", norm=self.norm)
         self.load_state_dict_from(state, source)
 
     def load_state_dict_from(self, state: dict, source: str = "state dict") -> None:
