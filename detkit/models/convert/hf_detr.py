@@ -25,15 +25,19 @@ HEAD_SOURCE_PREFIXES = ("model.decoder_input_proj.", "model.enc_output.", "model
                         "model.enc_bbox_head.", "model.denoising_class_embed.", "model.weight_embedding.",
                         "model.decoder.", "class_embed.", "bbox_embed.")
 
-_LAYER_RULES = [  # inside model.decoder.layers.{i}.
+# inside model.decoder.layers.{i}.; the Hub's checkpoints were written before transformers 5
+# renamed ``self_attn.out_proj`` -> ``o_proj`` and ``fc1`` / ``fc2`` -> ``mlp.*``: both are read
+_LAYER_RULES = [
     (r"self_attn\.(q|k|v)_proj\.", r"self_attn.\1_proj."),
-    (r"self_attn\.o_proj\.", "self_attn.out_proj."),
+    (r"self_attn\.(o|out)_proj\.", "self_attn.out_proj."),
     (r"self_attn_layer_norm\.", "norm1."),
     (r"encoder_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)\.", r"cross_attn.\1."),
     (r"encoder_attn_layer_norm\.", "norm2."),
     (r"mlp\.fc1\.", "ffn.layers.0."),
     (r"mlp\.fc2\.", "ffn.layers.1."),
     (r"mlp\.layers\.(\d+)\.", r"ffn.layers.\1."),
+    (r"fc1\.", "ffn.layers.0."),
+    (r"fc2\.", "ffn.layers.1."),
     (r"final_layer_norm\.", "norm3."),
     (r"gateway\.gate\.", "gate.linear."),
     (r"gateway\.norm\.", "gate.norm."),

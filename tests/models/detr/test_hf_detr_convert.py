@@ -75,3 +75,21 @@ def test_unknown_keys_and_inconsistent_point_scales_are_errors(dfine):
     with pytest.raises(Exception, match="class_heads.7|class_embed.7"):
         head = _fixtures().build_pair("dfine_bins16_proj")[2]
         head.load_state_dict({k[5:]: v for k, v in convert_head(renamed, config).items()}, strict=True)
+
+
+@pytest.mark.parametrize("variant", ["rtdetr_3lvl", "dfine_bins8"])
+def test_hub_checkpoints_with_the_pre_5_0_names_convert_the_same(variant):
+    """Hub files keep transformers 4's ``self_attn.out_proj`` and ``layers.N.fc1`` / ``fc2``."""
+    model, config, _ = _fixtures().build_pair(variant)
+    state = model.state_dict()
+    old = {}
+    for key, value in state.items():
+        key = key.replace("self_attn.o_proj.", "self_attn.out_proj.")
+        for new, legacy in (("mlp.fc1.", "fc1."), ("mlp.fc2.", "fc2."), ("mlp.layers.0.", "fc1."),
+                            ("mlp.layers.1.", "fc2.")):
+            if key.startswith("model.decoder.layers."):
+                key = key.replace(new, legacy)
+        old[key] = value
+    assert old.keys() != state.keys()
+    ours, ref = convert_head(old, config), convert_head(state, config)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
