@@ -7,17 +7,21 @@
 The graph (see ``detkit/deploy/export.py``): input ``images`` Float[B,3,H,W] RGB in [0,1] (H, W
 multiples of the model's ``size_divisibility``) -> normalisation -> backbone -> neck -> head ->
 decoding, score threshold, top-k and class-wise NMS (ONNX ``NonMaxSuppression``; two-stage
-models also the RPN and ``RoiAlign``). Outputs ``boxes`` Float[B,K,4] xyxy input pixels,
-``scores`` Float[B,K], ``labels`` Int64[B,K] (-1 on padding rows) and ``num_detections``
-Int64[B]; segmentors ``sem_seg`` Int64[B,H,W]. ``--dynamic`` makes batch, height and width
-dynamic. ``<out>.json`` holds the output names, the class names and the resolved config, so
+models also the RPN and ``RoiAlign``); the optional input ``image_sizes`` Int64[B,2] (each
+image's size before padding; default the input size) is where boxes are clipped and filtered.
+Outputs ``boxes`` Float[B,K,4] xyxy input pixels, ``scores`` Float[B,K], ``labels`` Int64[B,K]
+(-1 on padding rows) and ``num_detections`` Int64[B]; segmentors ``sem_seg`` Int64[B,H,W].
+``--dynamic`` makes batch, height and width dynamic. ``<out>.json`` holds the output names, the
+class names, the dataset's category ids and the resolved config, so
 ``tools/infer.py`` / ``Predictor`` can run the file with onnxruntime alone.
 
 Resizing / letterboxing the image (the config's ``data.val.pipeline``) and mapping boxes back
 to the original image stay outside the graph. The check (default on) runs onnxruntime and the
-PyTorch model on a synthetic "shapes" image with several objects and compares the detections
-(same count and labels, boxes within ``--box-tol`` x image size, scores within ``--score-tol``);
-exit code 1 when they differ. The caller's model is never modified (a copy is traced).
+PyTorch model on synthetic "shapes" images with several objects, at the export size and (for
+detectors) smaller by half the ``size_divisibility``, padded and fed with ``image_sizes``, and
+compares the detections (same count and labels, box corners within ``--box-tol`` x image size,
+scores within ``--score-tol``; a message counts the differences that are score ties); exit code
+1 when they differ (reported only, for random weights). The caller's model is never modified.
 """
 
 from __future__ import annotations

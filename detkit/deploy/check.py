@@ -127,12 +127,27 @@ def _unmatched(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, ref: d
 
 def check_export(model: torch.nn.Module, path: Path, height: int, width: int, batch: int,
                  box_tol: float = 1e-4, score_tol: float = 1e-4) -> list[str]:
-    """Run onnxruntime and the PyTorch model (eval copy) on the same shapes images."""
+    """Run onnxruntime and the PyTorch model (eval copy) on the same shapes images: once filling
+    the input, and (detectors) once with images smaller by half the ``size_divisibility``,
+    padded as ``Detector.preprocess`` pads them and fed with their ``image_sizes``."""
     from detkit.deploy.onnx_runtime import OnnxRuntimeModel
 
-    images = sample_images(batch, height, width)
+    session = OnnxRuntimeModel(path)
     reference_model = copy.deepcopy(model).cpu().eval()
+    images = sample_images(batch, height, width)
     with torch.no_grad():
         reference = reference_model(list(images))
-    outputs = OnnxRuntimeModel(path)(images.numpy())
-    return compare_detections(outputs, reference, max(height, width), box_tol, score_tol)
+    problems = compare_detections(session(images.numpy()), reference, max(height, width),
+                                  box_tol, score_tol)
+    cut = int(getattr(model, "size_divisibility", 1) or 1) // 2
+    if "image_sizes" not in session.input_names or cut == 0 or min(height, width) <= cut:
+        return problems
+    small = sample_images(batch, height - cut, width - cut, seed=1)
+    pixel_mean: torch.Tensor = reference_model.pixel_mean  # type: ignore[assignment]
+    mean = pixel_mean.reshape(1, 3, 1, 1)
+    padded = torch.nn.functional.pad(small - mean, (0, cut, 0, cut)) + mean
+    with torch.no_grad():
+        reference = reference_model(list(small))
+    outputs = session(padded.numpy(), np.array([[height - cut, width - cut]] * batch))
+    return problems + [f"padded input: {p}" for p in compare_detections(
+        outputs, reference, max(height, width), box_tol, score_tol)]
