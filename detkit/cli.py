@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import DetkitError
+from .errors import DetkitError, plain_warnings
 
 __all__ = ["run_cli", "add_debug_flag", "user_message", "USER_ERRORS", "training_parser", "run_training"]
 
@@ -67,6 +67,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: Sequence[str] | None 
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DETKIT_DEBUG", "").lower() in ("1", "true", "yes")
+    if not debug:
+        plain_warnings()   # "warning: ..." lines, as the errors are "error: ..." lines
     try:
         return main(args)
     except (*USER_ERRORS, *user_errors) as e:

@@ -22,7 +22,7 @@ import sys
 import warnings
 from types import FrameType
 
-__all__ = ["DetkitError", "DatasetError", "warn_once", "note_once", "user_stacklevel"]
+__all__ = ["DetkitError", "DatasetError", "warn_once", "note_once", "user_stacklevel", "plain_warnings"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Frames that are not the user's: detkit itself, and the DataLoader and multiprocessing machinery
@@ -71,3 +71,15 @@ def note_once(message: str) -> None:
         return
     _WARNED.add(message)
     print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _plain_format(message, category, filename, lineno, line=None) -> str:
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    return f"warning{kind}: {message}\n"
+
+
+def plain_warnings() -> None:
+    """Show warnings as one ``warning: message`` line (a category other than UserWarning in
+    brackets), without Python's ``file:line: UserWarning:`` prefix and the quoted source line:
+    the command-line tools' format (``--debug`` keeps Python's)."""
+    warnings.formatwarning = _plain_format

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import cv2
@@ -77,12 +78,17 @@ def readme_commands() -> list[list[str]]:
     return [shlex.split(ln)[2:] for ln in lines]
 
 
-def run_train(args: list[str], capsys) -> tuple[int, str]:
-    spec = importlib.util.spec_from_file_location("detkit_tool_train", REPO / "tools" / "train.py")
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"detkit_tool_{name}", REPO / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool   # tools/infer.py declares a dataclass, which looks itself up there
     spec.loader.exec_module(tool)
-    code = tool.main(args)
+    return tool
+
+
+def run_train(args: list[str], capsys) -> tuple[int, str]:
+    code = load_tool("train").main(args)
     return code, capsys.readouterr().err
 
 
@@ -110,6 +116,29 @@ def test_readme_quick_start_trains_on_a_generated_folder(fmt, tmp_path, capsys, 
     assert dataset["type"] == ("YoloDetection" if fmt == "yolo" else "CocoDetection")
     assert (work / "last.pth").is_file()
     assert "Traceback" not in err
+    if fmt == "coco":
+        check_the_checkpoint_alone_evaluates_and_predicts(work / "last.pth", data, tmp_path, capsys)
+
+
+def check_the_checkpoint_alone_evaluates_and_predicts(ckpt: Path, data: Path, tmp_path: Path, capsys):
+    """The README's next two lines: ``tools/eval.py CKPT`` and ``tools/infer.py CKPT INPUT`` with
+    the config taken from the checkpoint (both needed CONFIG first); ``--no-draw`` does not say
+    where annotated images are, since none are written."""
+    out_json = tmp_path / "metrics.json"
+    assert load_tool("eval").main([str(ckpt), "--device", "cpu", "--out", str(out_json)]) == 0, \
+        capsys.readouterr().err
+    metrics = json.loads(out_json.read_text())
+    assert "bbox/AP" in metrics and "bbox/AP50" in metrics
+    capsys.readouterr()
+    out = tmp_path / "pred"
+    image = data / "val2017" / "000000.jpg"
+    assert load_tool("infer").main([str(ckpt), str(image), "--out", str(out), "--no-draw",
+                                    "--score-thr", "0.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "annotated images" not in printed and f"predictions in {out / 'predictions.json'}" in printed
+    records = json.loads((out / "predictions.json").read_text())
+    assert records and {r["category_name"] for r in records} <= set(NAMES)   # names from the checkpoint
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.json"]
 
 
 def test_the_class_count_in_the_config_must_match_the_data(tmp_path, capsys, monkeypatch):
@@ -145,3 +174,33 @@ def test_offline_first_run_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert len(lines) == 1 and "Traceback" not in err
     assert "--set model.backbone.weights=null model.backbone.norm=BN" in lines[0]
     assert "IMAGENET1K_V1" in lines[0] and "Temporary failure in name resolution" in lines[0]
+
+
+def test_warnings_are_one_plain_line(tmp_path):
+    """A tool's warning is ``warning: message`` (was ``/path/file.py:12: UserWarning: message``
+    followed by the quoted source line)."""
+    import subprocess
+    script = ("import sys; from detkit.cli import run_cli; from detkit.errors import warn_once\n"
+              "sys.exit(run_cli(lambda argv: warn_once('3 boxes clipped to the image') or 0, []))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert done.returncode == 0 and done.stderr == "warning: 3 boxes clipped to the image\n"
+
+
+def test_device_choice_narrows_the_visible_gpus(monkeypatch):
+    import torch
+
+    from detkit.device import select_training_device
+    from detkit.errors import DetkitError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    select_training_device("cpu")
+    assert __import__("os").environ["CUDA_VISIBLE_DEVICES"] == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    select_training_device("cuda:1")
+    assert __import__("os").environ["CUDA_VISIBLE_DEVICES"] == "3"
+    with pytest.raises(DetkitError, match="only 1 GPUs are visible"):
+        select_training_device("cuda:4")
+    with pytest.raises(DetkitError, match="expected cpu, cuda or cuda:N"):
+        select_training_device("gpu0")

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Evaluate a detkit model, or score prediction files without a model.
 
-    python tools/eval.py CONFIG CHECKPOINT [--set key=value ...] [--out metrics.json] [--pr-curves DIR]
+    python tools/eval.py [CONFIG] CHECKPOINT [--set key=value ...] [--out metrics.json] [--pr-curves DIR]
+        [--device cpu|cuda|cuda:N]
     torchrun --nproc-per-node 8 tools/eval.py CONFIG CHECKPOINT ...
     python tools/eval.py --coco-gt GT.json --coco-dt DT.json [--iou-type bbox|segm] [--out M.json]
                          [--backend faster|pycocotools]
     python tools/eval.py --seg-gt DIR --seg-pred DIR --num-classes N [--ignore-index 255] [--out M.json]
 
+A checkpoint written by ``tools/train.py`` holds its resolved config: CONFIG may be left out
+(``--set`` then overrides the stored config, e.g. ``data.root=`` where the data lives now).
 With a config, the model is evaluated on the config's ``data.val`` split with its ``evaluation``
 evaluator (every rank predicts its shard; the evaluator gathers). The report (COCO summary block,
 per-class table) is printed and the flat metrics dict is written as json (NaN as null) to
@@ -25,12 +28,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detkit.cli import add_debug_flag, run_cli  # noqa: E402
-from detkit.config import ConfigError, load_config  # noqa: E402
+from detkit.config import (  # noqa: E402
+    ConfigError,
+    apply_overrides,
+    load_config,
+    load_yaml,
+    propagate_ignore_index,
+    propagate_image_size,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML config (model mode)")
+    p.add_argument("config", nargs="?", help="YAML config (model mode; optional: the checkpoint's own)")
     p.add_argument("checkpoint", nargs="?", help="checkpoint file (model mode)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides, e.g. data.root=/data/coco data.val.batch_size=4")
@@ -54,8 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
              bool(args.seg_gt or args.seg_pred)]
     if sum(modes) != 1:
         p.error("give exactly one of: CONFIG CHECKPOINT | --coco-gt/--coco-dt | --seg-gt/--seg-pred")
-    if modes[0] and not (args.config and args.checkpoint):
-        p.error("model mode needs both CONFIG and CHECKPOINT")
+    if modes[0] and not args.checkpoint:
+        if Path(args.config).suffix.lower() in (".yaml", ".yml"):
+            p.error("model mode needs a CHECKPOINT (the config alone has no weights)")
+        args.config, args.checkpoint = None, args.config   # a checkpoint alone: its stored config
     if modes[1] and not (args.coco_gt and args.coco_dt):
         p.error("--coco-gt and --coco-dt go together")
     if modes[2] and not (args.seg_gt and args.seg_pred and args.num_classes):
@@ -67,6 +79,7 @@ def evaluate_model(args) -> tuple[dict, str]:
     """Evaluate CHECKPOINT on the config's val split; returns (metrics, report) on every rank."""
     import torch
 
+    from detkit.data.classes import resolve_num_classes
     from detkit.engine import inference_on_loader, inference_state_dict, load_checkpoint, load_model_weights
     from detkit.engine.dist import init_distributed
     from detkit.engine.evaluate import build_val
@@ -74,7 +87,10 @@ def evaluate_model(args) -> tuple[dict, str]:
     from detkit.models.convert import apply_converted_meta
 
     info = init_distributed()
-    cfg = load_config(args.config, args.overrides)
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = resolve_num_classes(_config_of(args, ckpt), check=False)
     if args.pr_curves and cfg.get("evaluation", {}).get("type") in ("COCOEvaluator", "VOCEvaluator"):
         cfg["evaluation"]["pr_curve_dir"] = args.pr_curves
     if args.backend and cfg.get("evaluation", {}).get("type") == "COCOEvaluator":
@@ -85,9 +101,6 @@ def evaluate_model(args) -> tuple[dict, str]:
     _, loader, evaluator = built
     device = torch.device(args.device) if args.device else info.device
     model = build_model(cfg["model"]).to(device)
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    ckpt = load_checkpoint(args.checkpoint)
     load_model_weights(model, inference_state_dict(ckpt), source=args.checkpoint)
     apply_converted_meta(model, ckpt.get("meta") or {})
     metrics = inference_on_loader(model, loader, evaluator, device)
@@ -96,6 +109,18 @@ def evaluate_model(args) -> tuple[dict, str]:
         from detkit.evaluation import metrics_table
         report = metrics_table(metrics)
     return metrics, report
+
+
+def _config_of(args, ckpt: dict) -> dict:
+    """CONFIG with ``--set``, or else the resolved config the trainer stored in the checkpoint."""
+    if args.config is not None:
+        return load_config(args.config, args.overrides)
+    text = ckpt.get("config")
+    stored = load_yaml(text) if isinstance(text, str) else text
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{args.checkpoint}: holds no config (not written by tools/train.py?); "
+                          f"give the YAML config before the checkpoint")
+    return propagate_image_size(propagate_ignore_index(apply_overrides(stored, args.overrides)))
 
 
 def evaluate_seg_dirs(args) -> tuple[dict, str]:
@@ -141,7 +166,7 @@ def eval_main(argv=None) -> int:
     from detkit.evaluation import evaluate_coco_files
 
     try:
-        if args.config:
+        if args.checkpoint:
             metrics, report = evaluate_model(args)
             out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "metrics.json"
         elif args.coco_gt:

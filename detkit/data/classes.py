@@ -86,16 +86,19 @@ def _data_classes(cfg: dict) -> tuple[list[str], str] | None:
     return None
 
 
-def resolve_num_classes(cfg: dict) -> dict:
+def resolve_num_classes(cfg: dict, *, check: bool = True) -> dict:
     """``cfg`` with ``model.num_classes`` taken from the data when null or absent (in place).
 
-    Raises ConfigError when it is set and the data has another number of classes, or when it is
-    unset and the data does not say (a missing annotation file is named in the message).
+    Raises ConfigError when it is set and the data has another number of classes (``check``;
+    off for evaluation, where a converted 90-class COCO model meets 80-category json on purpose),
+    or when it is unset and the data does not say (a missing annotation file is named).
     """
     model = cfg.get("model")
     if not isinstance(model, dict) or model.get("type") not in DETECTOR_TYPES:
         return cfg
     given = model.get("num_classes")
+    if given is not None and not check:
+        return cfg
     try:
         found = _data_classes(cfg)
     except DatasetError as e:
