@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Run a trained detkit model on images, folders, globs or videos.
 
-    python tools/infer.py CONFIG CHECKPOINT INPUT [INPUT ...] --out DIR
+    python tools/infer.py [CONFIG] CHECKPOINT INPUT [INPUT ...] --out DIR
         [--score-thr 0.3] [--batch-size 4] [--device cpu|cuda] [--amp] [--coco-gt ANN.json]
         [--no-draw] [--slice S [--slice-overlap F] [--slice-merge nms|wbf] [--no-full-image]]
         [--backend pytorch|onnxruntime|openvino] [--threads N] [--set key=value ...]
 
+CONFIG is optional: a checkpoint of ``tools/train.py`` (and an export) holds its resolved config.
 CHECKPOINT may also be a model exported by ``tools/export.py`` (``model.onnx``): it then runs with
 ONNX Runtime alone (``--backend openvino`` for OpenVINO), no PyTorch model is built, and the
 pre-processing, mapping back and outputs are the same as with the checkpoint; ``--device cuda``
@@ -275,9 +276,9 @@ def run_video(item: Item, out_name: str, predictor: Predictor, writer: ResultWri
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("checkpoint")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob or video")
+    parser.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT INPUT",
+                        help="a YAML config (optional: the checkpoint's own by default), the checkpoint "
+                             "or exported .onnx, then images, folders, globs or videos")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--score-thr", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -299,6 +300,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="config overrides (put it last)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    has_config = Path(args.paths[0]).suffix.lower() in (".yaml", ".yml")
+    args.config = args.paths[0] if has_config else None
+    args.checkpoint, *args.inputs = args.paths[1:] if has_config else args.paths
+    if not args.inputs:
+        parser.error("give the CHECKPOINT and at least one INPUT")
+    if args.set and args.config is None:
+        parser.error("--set overrides a CONFIG: give the YAML config before the checkpoint")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.slice is not None and args.slice < 1:
@@ -311,7 +319,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def infer_main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set) if args.config else None   # None: the checkpoint's
         predictor = Predictor(cfg, args.checkpoint, device=args.device, score_thr=args.score_thr,
                               amp=args.amp, batch_size=args.batch_size, slice_size=args.slice,
                               slice_overlap=args.slice_overlap, slice_merge=args.slice_merge,
@@ -341,7 +349,8 @@ def infer_main(argv=None) -> int:
     json_path = writer.save_json()
     print(f"{processed} images, {writer.num_detections} detections (score >= {args.score_thr}), "
           f"{processed / max(elapsed, 1e-9):.1f} images/s; {len(failed)} failed")
-    print(f"annotated images in {out_dir}/, predictions in {json_path}")
+    print(f"annotated images in {out_dir}/, predictions in {json_path}" if not args.no_draw
+          else f"predictions in {json_path}")
     for path, reason in failed:
         print(f"FAILED {path}: {reason}", file=sys.stderr)
     return 1 if failed else 0
