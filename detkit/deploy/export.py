@@ -11,7 +11,8 @@ graph has the one input ``images``. Outputs:
 
 * detectors: ``boxes`` Float[B,K,4] xyxy input pixels, ``scores`` Float[B,K], ``labels``
   Int64[B,K] (-1 on padding rows), ``num_detections`` Int64[B];
-* segmentors: ``sem_seg`` Int64[B,H,W];
+* segmentors: ``sem_seg`` Int64[B,H,W] and ``sem_seg_logits`` Float[B,C,H,W] (``DeployedModel``
+  resizes the logits to the original image before the argmax, as the PyTorch path does);
 * Mask R-CNN adds ``mask_probs`` Float[B,K,28,28]: each detection's mask probabilities (of its
   class) over its box, to paste with ``detkit.models.mask_paste.paste_masks`` at the boxes once
   they are mapped to the original image (as ``DeployedModel`` does).
@@ -42,7 +43,7 @@ from .two_stage import mask_probabilities, roi_head_candidates, rpn_proposals
 
 __all__ = ["ExportError", "exportable", "export_onnx", "check_exportable", "SEG_OUTPUT_NAMES"]
 
-SEG_OUTPUT_NAMES = ("sem_seg",)
+SEG_OUTPUT_NAMES = ("sem_seg", "sem_seg_logits")
 
 
 class ExportError(ValueError):
@@ -105,13 +106,14 @@ class TwoStageExport(_Exportable):
 
 
 class SegmentorExport(_Exportable):
-    """Segmentor: per-pixel argmax of the upsampled logits."""
+    """Segmentor: per-pixel argmax of the upsampled logits, and the logits Float[B,C,H,W]
+    themselves, which a runtime resizes to the original image before the argmax, as PyTorch."""
 
     output_names = SEG_OUTPUT_NAMES
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.model.head.upsample(self.model.head(self.features(images)))
-        return logits.argmax(dim=1)
+        return logits.argmax(dim=1), logits
 
 
 def check_exportable(model: nn.Module, opset: int) -> None:
@@ -185,6 +187,7 @@ def export_onnx(model: nn.Module, out: str | Path, height: int, width: int, *, b
         axes.update({n: {0: "batch"} for n in names})
         if segmentor:
             axes["sem_seg"] = {0: "batch", 1: "height", 2: "width"}
+            axes["sem_seg_logits"] = {0: "batch", 2: "height", 3: "width"}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():

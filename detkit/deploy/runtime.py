@@ -9,10 +9,8 @@ PyTorch), runs ONNX Runtime or OpenVINO, and maps the padded ``[B,K]`` outputs b
 with the PyTorch path's own ``Detector.map_to_original`` (Mask R-CNN: ``paste_masks`` at the
 model's ``mask_threshold``).
 
-One difference from the PyTorch model remains (documented in the README): a segmentor's label map
-is resized to the original image by nearest neighbour, where PyTorch resizes the logits
-bilinearly before the argmax (the graph's output is the label map, not C float maps). Pipelines
-that do not resize give equal maps.
+A segmentor's label map is the argmax of its logits (the graph's ``sem_seg_logits``) resized
+to the original image bilinearly, as ``Segmentor.forward`` does.
 """
 
 from __future__ import annotations
@@ -120,12 +118,7 @@ class DeployedModel:
         for i, image in enumerate(images):
             h, w = int(image.shape[-2]), int(image.shape[-1])
             if "sem_seg" in outputs:
-                result = {"sem_seg": torch.from_numpy(outputs["sem_seg"][i, :h, :w])}
-                if metas is not None:
-                    from ..evaluation.segmentation import sem_seg_to_original
-
-                    result["sem_seg"] = sem_seg_to_original(result["sem_seg"], metas[i])
-                results.append(result)
+                results.append({"sem_seg": self._label_map(outputs, i, h, w, metas)})
                 continue
             n = int(outputs["num_detections"][i])
             # already clipped in the graph, at the image_sizes fed by run()
@@ -142,6 +135,24 @@ class DeployedModel:
                 result["masks"] = paste_masks(probs, result["boxes"], size, threshold=self.mask_threshold)
             results.append(result)
         return results
+
+    @staticmethod
+    def _label_map(outputs: dict[str, np.ndarray], i: int, h: int, w: int,
+                   metas: Sequence[dict] | None) -> Tensor:
+        """Int64 label map of image i: its logits (padding cut off) mapped to the original image
+        bilinearly, then the argmax, as ``Segmentor.forward``; files without logits: the graph's
+        label map, resized by nearest neighbour."""
+        if "sem_seg_logits" in outputs:
+            from ..models.detectors.segmentor import logits_to_original
+
+            logits = torch.from_numpy(outputs["sem_seg_logits"][i, :, :h, :w]).float()
+            return (logits_to_original(logits, metas[i]) if metas is not None else logits).argmax(0)
+        label_map = torch.from_numpy(outputs["sem_seg"][i, :h, :w])
+        if metas is None:
+            return label_map
+        from ..evaluation.segmentation import sem_seg_to_original
+
+        return sem_seg_to_original(label_map, metas[i])
 
     def __repr__(self) -> str:
         return f"DeployedModel({self.path.name}, {self.runtime.name})"

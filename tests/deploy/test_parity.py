@@ -223,3 +223,25 @@ def test_mask_rcnn_masks_equal_pytorch_on_padded_and_mixed_batches(confident_mod
             assert res["masks"].shape == ref["masks"].shape == (len(order),) + size
             assert torch.equal(res["masks"][order] & decided, ref["masks"] & decided)
             assert ref["masks"].any() and ((pasted > 0.5) & (pasted < 0.7)).any()
+
+
+def test_segmentor_label_map_is_resized_as_logits_like_pytorch(confident_model, tmp_path):
+    """A pipeline that resized the image (metas with ``scale``): the label map in original pixels
+    is the argmax of bilinearly resized logits on both paths (DeployedModel resized the label
+    map by nearest neighbour before, which differs along every class border)."""
+    from detkit.evaluation.segmentation import sem_seg_to_original
+
+    model = confident_model(*FAMILIES["seg_fpn"])
+    path = tmp_path / "seg.onnx"
+    info = export_onnx(model, path, 128, 128, dynamic=True)
+    assert info["outputs"] == ["sem_seg", "sem_seg_logits"]
+    images = [sample_images(1, 100, 150, seed=3)[0], sample_images(1, 96, 128, seed=4)[0]]
+    metas = [{"orig_size": (130, 190), "scale": (150 / 190, 100 / 130)},
+             {"orig_size": (61, 83), "scale": (128 / 83, 96 / 61)}]
+    with torch.no_grad():
+        reference = model(images, metas)
+    deployed = DeployedModel(path)
+    got = deployed(images, metas)
+    assert compare_results(got, reference) == []
+    nearest = [sem_seg_to_original(r["sem_seg"], m) for r, m in zip(deployed(images), metas)]
+    assert any(not torch.equal(a, r["sem_seg"]) for a, r in zip(nearest, reference))
