@@ -149,3 +149,18 @@ def test_check_names_score_ties():
     problems = compare_detections(out, ref, 128)
     assert problems == [problems[0]] and "4 detections, PyTorch 3" in problems[0]
     assert "1 PyTorch detections have no equal in the exported output (1 of them tie" in problems[0]
+
+
+def test_check_tells_a_tie_at_the_last_place_from_a_moved_box():
+    """An untrained CenterNet's 100th place: PyTorch keeps one of two equal neighbouring peaks,
+    onnxruntime the other (a tie); a box that only moved (clipped elsewhere) is not a tie."""
+    from detkit.deploy.check import compare_detections
+
+    ref = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [324.0, 464, 324, 464]]),
+            "scores": torch.tensor([0.3, 0.105772]), "labels": torch.tensor([0, 30])}]
+    tie = _as_outputs([[0.0, 0, 10, 10], [328.0, 464, 328, 464]], [0.3, 0.105772], [0, 30])
+    assert "(1 of them tie" in compare_detections(tie, ref, 512)[0]
+    moved = _as_outputs([[0.0, 0, 10, 10], [324.0, 460, 324, 464]], [0.3, 0.105772], [0, 30])
+    moved["boxes"][0, 1] = [300.0, 440, 330, 470]
+    ref[0]["boxes"][1] = torch.tensor([300.0, 440, 334, 470])
+    assert "(0 of them tie" in compare_detections(moved, ref, 512)[0]
