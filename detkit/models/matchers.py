@@ -15,15 +15,20 @@ whose *intersection over its own area* (IoA) with a crowd region exceeds ``crowd
 negative, since it probably shows an object of the crowd. IoA rather than IoU because a crowd
 region is usually much larger than the anchors it covers. Anchors that are positives for a
 regular box stay positives. ``split_ignored`` separates a target's crowd / difficult boxes.
+
+``HungarianMatcher`` is the DETR families' one-to-one set matching (cxcywh normalised boxes).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
-from torchvision.ops import box_area, box_iou
+from torchvision.ops import box_area, box_convert, box_iou, generalized_box_iou
 
-__all__ = ["Matcher", "match_boxes", "box_ioa", "ignore_flags", "split_ignored", "NEGATIVE", "IGNORE"]
+__all__ = ["Matcher", "HungarianMatcher", "match_boxes", "box_ioa", "ignore_flags", "split_ignored",
+           "NEGATIVE", "IGNORE"]
 
 NEGATIVE = -1
 IGNORE = -2
@@ -109,3 +114,72 @@ def split_ignored(target: dict) -> tuple[Tensor, Tensor, Tensor]:
     ignore = ignore_flags(target)
     keep = ~ignore
     return boxes[keep], labels[keep], boxes[ignore]
+
+
+class HungarianMatcher:
+    """One-to-one matching of a DETR's predictions to the ground truth (DETR, section 3.1;
+    RT-DETR's costs), solved per image by ``scipy.optimize.linear_sum_assignment``.
+
+    Legend: Q predictions (queries), N targets of an image, C classes. Boxes are cxcywh,
+    normalised to the padded input. The cost of pairing prediction q with target n is
+    ``class_weight * class_cost + bbox_weight * L1(box_q, box_n) - giou_weight * GIoU(box_q, box_n)``.
+    With ``use_focal`` the class cost is the focal loss of the positive label minus that of the
+    negative (``alpha``, ``gamma``; sigmoid scores), else ``-softmax(logits)[label]``.
+
+    Args:
+        class_weight / bbox_weight / giou_weight: the cost weights (RT-DETR / D-FINE: 2, 5, 2).
+        use_focal: focal (sigmoid) class cost, else the softmax probability.
+        alpha / gamma: the focal cost's parameters (0.25, 2.0).
+    """
+
+    def __init__(self, *, class_weight: float = 2.0, bbox_weight: float = 5.0, giou_weight: float = 2.0,
+                 use_focal: bool = True, alpha: float = 0.25, gamma: float = 2.0):
+        if class_weight == bbox_weight == giou_weight == 0:
+            raise ValueError("HungarianMatcher: class_weight, bbox_weight and giou_weight are all 0")
+        self.class_weight = float(class_weight)
+        self.bbox_weight = float(bbox_weight)
+        self.giou_weight = float(giou_weight)
+        self.use_focal = bool(use_focal)
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+
+    def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, target_boxes: Tensor) -> Tensor:
+        """logits Float[Q,C], boxes Float[Q,4], labels Int64[N], target_boxes Float[N,4] -> Float[Q,N]."""
+        logits, boxes, target_boxes = logits.float(), boxes.float(), target_boxes.float()
+        if self.use_focal:
+            prob = logits.sigmoid()[:, labels]
+            positive = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
+            negative = (1 - self.alpha) * prob ** self.gamma * -(1 - prob + 1e-8).log()
+            class_cost = positive - negative
+        else:
+            class_cost = -logits.softmax(-1)[:, labels]
+        l1_cost = torch.cdist(boxes, target_boxes, p=1)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
+                                   box_convert(target_boxes, "cxcywh", "xyxy"))
+        return self.class_weight * class_cost + self.bbox_weight * l1_cost - self.giou_weight * giou
+
+    @torch.no_grad()
+    def __call__(self, pred_logits: Tensor, pred_boxes: Tensor,
+                 targets: Sequence[dict]) -> list[tuple[Tensor, Tensor]]:
+        """pred_logits Float[B,Q,C], pred_boxes Float[B,Q,4], targets ``[{labels Int64[N],
+        boxes Float[N,4]}] * B`` -> per image (pred_idx, tgt_idx), both Int64[min(Q, N)] on the
+        predictions' device, pred_idx ascending. An image without targets gets two empty tensors.
+        A NaN / inf cost (a diverged prediction) is replaced by the largest float, so that such a
+        prediction is only matched when nothing else can be."""
+        # imported here: scipy.optimize would add 0.3 s to every detkit import
+        from scipy.optimize import linear_sum_assignment
+
+        device = pred_logits.device
+        matches = []
+        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
+            if target["boxes"].shape[0] == 0:
+                empty = torch.zeros(0, dtype=torch.int64, device=device)
+                matches.append((empty, empty.clone()))
+                continue
+            cost = self.cost_matrix(logits, boxes, target["labels"], target["boxes"])
+            big = torch.finfo(cost.dtype).max
+            cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            matches.append((torch.as_tensor(rows, dtype=torch.int64, device=device),
+                            torch.as_tensor(cols, dtype=torch.int64, device=device)))
+        return matches
