@@ -102,6 +102,8 @@ def training_parser(description: str | None, *, config_help: str,
     parser.add_argument("--data", metavar="PATH", help="your own data instead of the config's: a data.yaml "
                         "or a COCO / YOLO / VOC folder (format, splits and class count found from it)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available)")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="do not write results.png, confusion_matrix.png ... at the end")
     add_debug_flag(parser)
     return parser
 
@@ -133,5 +135,6 @@ def run_training(train: Callable[..., object], args: argparse.Namespace) -> int:
         return e.exit_code
     finally:
         cleanup_distributed()
-    finish_training(cfg, work_dir, wall_s=time.perf_counter() - started)  # plots + summary, rank 0
+    finish_training(cfg, work_dir, wall_s=time.perf_counter() - started,  # plots + summary, rank 0
+                    plots=not getattr(args, "no_plots", False), device=getattr(args, "device", None))
     return 0

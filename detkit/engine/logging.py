@@ -249,8 +249,9 @@ def training_summary(cfg: dict, work_dir: str | Path, wall_s: float,
 
 
 def finish_training(cfg: dict, work_dir: str | Path, *, wall_s: float, plots: bool = True,
-                    log: Callable[[str], None] | None = None) -> None:
-    """Write the plots and print the summary (rank 0 only; a failure to plot is a line, not an error)."""
+                    device: str | None = None, log: Callable[[str], None] | None = None) -> None:
+    """Write the plots (their val pass on ``device``, default cuda when available) and print the
+    summary; rank 0 only, and a failure to plot is a line, not an error."""
     if os.environ.get("RANK", "0") != "0":
         return
     log = log or _stderr
@@ -259,7 +260,8 @@ def finish_training(cfg: dict, work_dir: str | Path, *, wall_s: float, plots: bo
         try:
             from .plots import END_OF_TRAINING_MAX_IMAGES, write_plots
 
-            written = write_plots(work_dir, cfg=cfg, max_images=END_OF_TRAINING_MAX_IMAGES, log=log)
+            written = write_plots(work_dir, cfg=cfg, max_images=END_OF_TRAINING_MAX_IMAGES,
+                                  device=device, log=log)
         except Exception as e:  # noqa: BLE001 - the run is saved; pictures must not turn it into a failure
             log(f"plots: not written: {type(e).__name__}: {e}")
     log(training_summary(cfg, work_dir, wall_s, written))

@@ -118,3 +118,15 @@ def test_results_curves_skip_per_class_keys_and_cut_lines(tmp_path):
     _image(plot_results(records, tmp_path / "results.png"))
     with pytest.raises(ValueError, match="no loss or metric"):
         plot_results([{"mode": "train", "iter": 1}], tmp_path / "empty.png")
+
+
+def test_no_plots_flag(shapes_root, tmp_path):
+    import train as train_tool
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(dump_config(base_config(shapes_root, toy=True, iters=2)))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert train_tool.main([str(cfg_path), "--work-dir", str(tmp_path / "w"), "--no-plots",
+                                "--device", "cpu"]) == 0
+    assert not list((tmp_path / "w").glob("*.png")) and "training finished at iteration 2" in err.getvalue()
