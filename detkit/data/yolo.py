@@ -2,7 +2,10 @@
 
 Coordinates are normalised to [0, 1] by the image width / height (of the image as displayed,
 EXIF orientation applied). A line with more than five numbers is a polygon ``cls x1 y1 x2 y2 ...``
-and becomes its bounding box. Labels are the class indices; ``label_to_cat_id`` is ``label + 1``.
+and becomes its bounding box. Labels are the class indices; ``label_to_cat_id`` is ``label + 1``:
+the COCO ``category_id`` Ultralytics itself writes for a non-COCO dataset (its ``class_map`` is
+``1..nc``), so detkit's and Ultralytics' ``predictions.json`` on the same data score against each
+other, and COCO ids start at 1 (0 is background for torchvision's COCO models).
 
 Two ways to name the files:
 
