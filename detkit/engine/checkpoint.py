@@ -39,7 +39,8 @@ from ..errors import DetkitError
 __all__ = ["CheckpointError", "save_checkpoint", "atomic_write_bytes", "load_checkpoint",
            "resume_candidates", "load_resume_checkpoint", "prune_iter_checkpoints",
            "load_model_weights", "inference_state_dict", "get_rng_state", "set_rng_state",
-           "remove_stale_temporaries", "saved_iteration", "inference_checkpoint", "INFERENCE_KEYS"]
+           "remove_stale_temporaries", "saved_iteration", "inference_checkpoint", "INFERENCE_KEYS",
+           "save_last_checkpoint", "link_or_copy", "ssl_weights_in_frozen_bn"]
 
 ITER_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -94,6 +95,36 @@ def save_checkpoint(state: dict, paths: Iterable[str | os.PathLike]) -> None:
             raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
                                   f"checkpoint of the work dir is unchanged (free space, then "
                                   f"--resume)") from e
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make ``target`` name the same file as ``source``: a hard link (no bytes written), or an
+    atomic copy where the file system has none. An existing ``target`` is replaced atomically."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(target, source.read_bytes())
+
+
+def save_last_checkpoint(state: dict, work_dir: str | os.PathLike, keep: int) -> None:
+    """Write ``last.pth``; with ``keep`` > 0 the previous ``last.pth`` (iteration M) first becomes
+    ``iter_M.pth`` and only the ``keep`` newest of those stay.
+
+    ``iter_N.pth`` are the fallbacks of an unreadable ``last.pth`` (:func:`resume_candidates`), so
+    none of them ever equals ``last.pth``; the old file is renamed by a hard link, not copied.
+    """
+    work_dir = Path(work_dir)
+    last = work_dir / "last.pth"
+    previous = saved_iteration(last) if keep > 0 and last.is_file() else None
+    if previous is not None and previous != state.get("iter"):
+        link_or_copy(last, work_dir / f"iter_{previous}.pth")
+    save_checkpoint(state, [last])
+    if keep > 0:
+        prune_iter_checkpoints(work_dir, keep)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
@@ -307,3 +338,30 @@ def set_rng_state(state: dict, model: nn.Module | None = None) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda.cpu())
+
+
+def ssl_weights_in_frozen_bn(model_cfg: dict, model: nn.Module) -> str | None:
+    """A one-line warning when ``model.backbone.weights`` is a detkit self-supervised checkpoint
+    and the built backbone has FrozenBN layers, else None.
+
+    Self-supervised statistics come from other images and augmentations than the detector sees;
+    the MoCo paper fine-tunes such backbones with (Sync)BN, which learns them on the detection data.
+    """
+    backbone_cfg = model_cfg.get("backbone") if isinstance(model_cfg, dict) else None
+    weights = backbone_cfg.get("weights") if isinstance(backbone_cfg, dict) else None
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(weights, str) or not os.path.isfile(weights) or not isinstance(backbone, nn.Module):
+        return None
+    if not any(type(m).__name__ == "FrozenBatchNorm2d" for m in backbone.modules()):
+        return None
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the backbone already loaded it; nothing more to say here
+        return None
+    ssl = (ckpt.get("meta") or {}).get("ssl") if isinstance(ckpt, dict) else None
+    if not isinstance(ssl, dict):
+        return None
+    return (f"WARNING: model.backbone.weights {weights} is a {ssl.get('method', '?')} self-supervised "
+            f"checkpoint and the backbone uses FrozenBN, which keeps the pre-training statistics; "
+            f"fine-tune it with BatchNorm as the MoCo paper does (SyncBN): --set "
+            f"model.backbone.norm=BN, plus train.sync_bn=true on several GPUs")

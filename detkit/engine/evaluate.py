@@ -107,9 +107,11 @@ def build_val(cfg: dict, seed: int = 0):
         return None
     from ..data import build_dataloader, build_dataset
     from ..evaluation.build import build_evaluator
+    from .setup import split_config
 
-    dataset = build_dataset(data["val"], root=data.get("root"), path="data.val")
-    loader = build_dataloader(data["val"], dataset, train=False, seed=seed)
+    split = split_config(data, "val")  # data.skip_bad_images applies to val as to train
+    dataset = build_dataset(split, root=data.get("root"), path="data.val")
+    loader = build_dataloader(split, dataset, train=False, seed=seed)
     evaluator = build_evaluator(cfg["evaluation"], dataset)
     return dataset, loader, evaluator
 

@@ -15,6 +15,9 @@ converted epoch milestones::
     {type: multistep, milestones: [8, 11], gamma: 0.1, warmup_iters: 500, warmup_factor: 0.001}
     {type: cosine, min_lr_ratio: 0.0, warmup_iters: ..., warmup_factor: ...}
     {type: poly, power: 0.9, min_lr_ratio: 0.0, warmup_iters: ..., warmup_factor: ...}
+    # any type: weight_decay_end: 0.4 -> the weight decay follows a cosine from the optimizer's
+    # weight_decay to this value over the run (DINO's 0.04 -> 0.4); groups with another decay
+    # (weight_decay_norm / _bias) scale by the same factor, decay 0 stays 0
 """
 
 from __future__ import annotations
@@ -153,14 +156,28 @@ class WarmupScheduler:
     Its state is two primitives, so a checkpoint holding it loads with ``weights_only=True``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, kind: str, max_iters: int, **kwargs):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, kind: str, max_iters: int,
+                 weight_decay_end: float | None = None, **kwargs):
         self.optimizer = optimizer
         self.kind = kind
         self.max_iters = int(max_iters)
         self.kwargs = kwargs
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        # the decays at iteration 0: the schedule's start (kept in the state for an exact resume)
+        self.base_wds = [float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
+        self.weight_decay_end = None if weight_decay_end is None else float(weight_decay_end)
         self.last_iter = 0
         self._apply()
+
+    def weight_decay_factor(self, it: int) -> float:
+        """Multiplier of every group's base decay at iteration ``it``: the largest base decay w0
+        goes ``end - (end - w0) * (1 + cos(pi * it / max_iters)) / 2``, the others in proportion."""
+        start = max(self.base_wds, default=0.0)
+        if self.weight_decay_end is None or start <= 0:
+            return 1.0
+        t = min(it, self.max_iters) / max(self.max_iters, 1)
+        end = self.weight_decay_end
+        return (end - (end - start) * 0.5 * (1 + math.cos(math.pi * t))) / start
 
     def factor(self, it: int) -> float:
         return lr_factor(it, kind=self.kind, max_iters=self.max_iters, **self.kwargs)
@@ -169,6 +186,10 @@ class WarmupScheduler:
         f = self.factor(self.last_iter)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * f
+        if self.weight_decay_end is not None:
+            wd = self.weight_decay_factor(self.last_iter)
+            for group, base in zip(self.optimizer.param_groups, self.base_wds):
+                group["weight_decay"] = base * wd
 
     def step(self) -> None:
         self.last_iter += 1
@@ -178,11 +199,15 @@ class WarmupScheduler:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"last_iter": self.last_iter, "base_lrs": list(self.base_lrs)}
+        return {"last_iter": self.last_iter, "base_lrs": list(self.base_lrs),
+                "base_wds": list(self.base_wds)}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_iter = int(state["last_iter"])
         self.base_lrs = [float(v) for v in state["base_lrs"]]
+        # the optimizer state loaded before holds the decays of the saved iteration, not the start
+        if "base_wds" in state:
+            self.base_wds = [float(v) for v in state["base_wds"]]
         self._apply()
 
 
@@ -195,7 +220,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, *, max_iters: i
         raise ConfigError(f"{path}.type: unknown schedule {kind!r}{closest(str(kind), SCHEDULES)}; "
                           f"choose one of {', '.join(SCHEDULES)}")
     allowed = {"multistep": ("milestones", "gamma"), "cosine": ("min_lr_ratio",),
-               "poly": ("power", "min_lr_ratio")}[kind] + ("warmup_iters", "warmup_factor")
+               "poly": ("power", "min_lr_ratio")}[kind] + ("warmup_iters", "warmup_factor",
+                                                            "weight_decay_end")
     for key in cfg:
         if key not in allowed:
             raise ConfigError(f"{path}.{key}: not an option of the {kind} schedule"
@@ -204,4 +230,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, *, max_iters: i
         scale = iters_per_epoch or 1
         cfg["milestones"] = [int(m) * scale for m in cfg["milestones"]]
     cfg["warmup_iters"] = int(cfg.get("warmup_iters", 0))
+    wd_end = cfg.get("weight_decay_end")
+    if wd_end is not None:
+        if isinstance(wd_end, bool) or not isinstance(wd_end, (int, float)) or wd_end < 0:
+            raise ConfigError(f"{path}.weight_decay_end: expected a number >= 0, got {wd_end!r}")
+        if not any(float(g.get("weight_decay", 0.0)) > 0 for g in optimizer.param_groups):
+            raise ConfigError(f"{path}.weight_decay_end: needs train.optimizer.weight_decay > 0 "
+                              f"(the schedule's start)")
     return WarmupScheduler(optimizer, kind=kind, max_iters=max_iters, **cfg)

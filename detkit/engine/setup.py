@@ -6,6 +6,7 @@ import copy
 import inspect
 import os
 import random
+import re
 from typing import Iterator
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..config import check_keys, merge
 from ..registry import ConfigError
 
 __all__ = ["TRAIN_DEFAULTS", "DIST_DEFAULTS", "train_settings", "dist_settings", "seed_everything",
-           "set_loader_epoch", "epoch_batches"]
+           "set_loader_epoch", "epoch_batches", "split_config", "parse_duration"]
 
 # Mirrors configs/_base_/runtime.yaml (a test keeps them equal) so that a config without that
 # base still trains with documented values.
@@ -36,9 +37,12 @@ TRAIN_DEFAULTS: dict = {
     "find_unused_parameters": False,
     "log_interval": 20,
     "eval_interval": 1,
-    "checkpoint": {"interval": 1, "keep": 3, "best_metric": "bbox/AP"},
+    "checkpoint": {"interval": 1, "keep": 1, "best_metric": "bbox/AP"},
     "load_from": None,
+    "early_stop": None,
+    "max_time": None,
 }
+EARLY_STOP_KEYS = {"metric": None, "patience": 10}
 _REPLACED = ("optimizer", "scheduler")  # a config's optimizer/scheduler replaces, never merges
 
 # The ``dist`` section, mirrored by configs/_base_/runtime.yaml like TRAIN_DEFAULTS: the keyword
@@ -75,7 +79,65 @@ def train_settings(cfg: dict) -> dict:
             raise ConfigError(f"train.{key}: must be >= 1")
     if int(s["checkpoint"]["interval"]) < 1:
         raise ConfigError("train.checkpoint.interval: must be >= 1")
+    if int(s["checkpoint"]["keep"]) < 0:
+        raise ConfigError(f"train.checkpoint.keep: must be >= 0, got {s['checkpoint']['keep']}")
+    s["early_stop"] = _early_stop(s["early_stop"], s["checkpoint"]["best_metric"])
+    s["max_time"] = parse_duration(s["max_time"], "train.max_time")
     return copy.deepcopy(s)
+
+
+def _early_stop(value, best_metric) -> dict | None:
+    """``{metric, patience}`` with the metric defaulting to ``checkpoint.best_metric``; or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"train.early_stop: expected {{metric: bbox/AP, patience: 10}} or null, "
+                          f"got {value!r}")
+    check_keys(value, EARLY_STOP_KEYS, "train.early_stop")
+    out = {**EARLY_STOP_KEYS, **value}
+    out["metric"] = out["metric"] or best_metric
+    if not out["metric"]:
+        raise ConfigError("train.early_stop.metric: not set and train.checkpoint.best_metric is "
+                          "null; name the evaluation key to watch (e.g. bbox/AP)")
+    patience = out["patience"]
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ConfigError(f"train.early_stop.patience: expected a whole number of evaluations "
+                          f">= 1, got {patience!r}")
+    return out
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 3600}
+
+
+def parse_duration(value, path: str) -> float | None:
+    """``train.max_time`` in seconds: a number of hours (as Ultralytics' ``time``) or a string
+    with a unit, ``45s`` / ``90m`` / ``2h`` / ``1d``; None stays None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value) * 3600
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(f"{path}: {value!r} is not a duration; use hours (1.5) or a number "
+                              f"with a unit: 45s, 90m, 2h, 1d")
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if not seconds > 0:
+        raise ConfigError(f"{path}: must be > 0, got {value!r}")
+    return seconds
+
+
+def split_config(data: dict, name: str) -> dict:
+    """``data[name]`` with ``skip_bad_images`` defaulting to ``data.skip_bad_images`` (one switch for
+    every split; a split's own key wins)."""
+    split = data[name]
+    every = data.get("skip_bad_images", False)
+    if not isinstance(every, bool):
+        raise ConfigError(f"data.skip_bad_images: expected true or false, got {every!r}")
+    if not isinstance(split, dict) or "skip_bad_images" in split or not every:
+        return split
+    return {**split, "skip_bad_images": True}
 
 
 def dist_settings(cfg: dict) -> dict:

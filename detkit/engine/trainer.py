@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
 from ..config import dump_config
+from ..errors import DetkitError
 from ..registry import ConfigError
 from . import checkpoint as ckpt_io
 from .dist import (
@@ -28,13 +30,19 @@ from .dist import (
     init_distributed,
 )
 from .ema import ModelEMA
+from .eval_state import EvalTracker
 from .evaluate import build_val, inference_on_loader
 from .logging import TrainLogger, WindowMeter
 from .optim import build_optimizer, build_scheduler
 from .preemption import StopSignal, TrainingInterrupted, ignore_sigterm_in_workers
-from .setup import dist_settings, epoch_batches, seed_everything, train_settings
+from .setup import dist_settings, epoch_batches, seed_everything, split_config, train_settings
+from .summary import model_summary
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer", "train", "EvaluationError"]
+
+
+class EvaluationError(DetkitError, RuntimeError):
+    """An evaluation failed after the iteration's checkpoint was written (the message says where)."""
 
 
 class Trainer:
@@ -60,6 +68,9 @@ class Trainer:
 
         model = self.build_model(cfg["model"]).to(self.device)
         self.model = model = convert_sync_bn(model, s["sync_bn"], self.dist, log=self._log)
+        frozen_ssl = ckpt_io.ssl_weights_in_frozen_bn(cfg["model"], model)
+        if frozen_ssl:
+            self._log(frozen_ssl)
         multiscale = getattr(model, "multiscale_train", None)
         if multiscale is not None:  # its batch sizes: seeded like the rest, resumable (rng state)
             multiscale.seed_for_rank(s["seed"], self.dist.rank)
@@ -73,7 +84,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_enabled and self.amp_dtype == torch.float16)
         self.iter, self.skipped_steps = 0, 0
-        self.best: dict | None = None
+        self.evals = EvalTracker(best_metric=s["checkpoint"]["best_metric"], early_stop=s["early_stop"])
+        # why training ends before max_iters (max_time, early stop); an evaluation left to resume
+        self._end_reason: str | None = None
+        self._pending_eval = False
+        self._started, self._out_of_time = time.monotonic(), False  # train.max_time
         # SIGTERM: the handler while train() runs, and whether some rank had it (agreed by all).
         self._stop_signal: StopSignal | None = None
         self._stop_agreed, self._saved_last_at = False, -1
@@ -96,6 +111,30 @@ class Trainer:
             ignore_sigterm_in_workers(loader)  # SIGTERM is the trainer's to handle (preemption.py)
         self.logger = TrainLogger(self.work_dir, enabled=self.dist.is_main,
                                   max_iters=self.max_iters, start_iter=self.iter)
+        if self.dist.is_main:
+            self.logger.info(self.summary())
+
+    @property
+    def best(self) -> dict | None:
+        """{metric, value, iter} of the best evaluation so far (None before one)."""
+        return self.evals.best
+
+    def summary(self) -> str:
+        """One line: parameters, and GFLOPs of one training image (the train set's first sample)."""
+        rng = ckpt_io.get_rng_state(self.model)  # reading a sample and a forward may draw numbers
+        try:
+            forward, size, what = self.summary_forward()
+        except Exception:  # noqa: BLE001 - an unreadable first image is reported when training reads it
+            forward, size, what = None, None, ""
+        try:
+            return model_summary(type(self.model).__name__, self.model, forward, size, what=what)
+        finally:
+            ckpt_io.set_rng_state(rng, self.model)
+
+    def summary_forward(self) -> tuple[Callable[[], object], tuple[int, ...], str]:
+        """(forward whose FLOPs the summary counts, its input size, what it covers)."""
+        image = self.train_set[0][0].to(self.device)
+        return (lambda: self.model([image])), tuple(image.shape), ""
 
     def build_model(self, cfg: dict) -> nn.Module:
         """The model from the ``model`` section (a subclass may build another kind, e.g. detkit.ssl)."""
@@ -111,8 +150,9 @@ class Trainer:
         s, data = self.settings, self.cfg.get("data") or {}
         if data.get("train") is None:
             raise ConfigError("data.train: missing (the training split)")
-        self.train_set = build_dataset(data["train"], root=data.get("root"), path="data.train")
-        self.train_loader = build_dataloader(data["train"], self.train_set, train=True, seed=s["seed"])
+        split = split_config(data, "train")
+        self.train_set = build_dataset(split, root=data.get("root"), path="data.train")
+        self.train_loader = build_dataloader(split, self.train_set, train=True, seed=s["seed"])
         self.accumulate = int(s["accumulate"])
         self.iters_per_epoch = len(self.train_loader) // self.accumulate
         if self.iters_per_epoch < 1:
@@ -185,14 +225,18 @@ class Trainer:
         raise together before ``backward`` (none is left waiting in a gradient all-reduce).
         """
         names = sorted(losses)
-        # The SIGTERM flag rides along as the last element: every rank learns in this iteration
-        # whether any rank was signalled, without a collective of its own.
+        # The SIGTERM and time-budget flags ride along as the last two elements: every rank
+        # learns in this iteration whether any rank was signalled or out of time, without a
+        # collective of their own.
         signalled = self._stop_signal is not None and self._stop_signal.requested is not None
-        stacked = torch.stack([losses[n].detach().float() for n in names]
-                              + [torch.tensor(float(signalled), device=self.device)])
+        budget = self.settings["max_time"]
+        out_of_time = budget is not None and time.monotonic() - self._started >= budget
+        flags = torch.tensor([float(signalled), float(out_of_time)], device=self.device)
+        stacked = torch.cat([torch.stack([losses[n].detach().float() for n in names]), flags])
         reduced = all_reduce_tensor(stacked, op="mean").cpu()
-        self._stop_agreed |= bool(reduced[-1] > 0)
-        reduced = reduced[:-1]
+        self._stop_agreed |= bool(reduced[-2] > 0)
+        self._out_of_time |= bool(reduced[-1] > 0)
+        reduced = reduced[:-2]
         if not torch.isfinite(reduced).all():
             local_bad = [n for n in names if not torch.isfinite(losses[n]).all()]
             per_rank = all_gather_object(local_bad)
@@ -222,6 +266,12 @@ class Trainer:
         """
         end = self.max_iters if stop_after is None else min(self.max_iters, self.iter + stop_after)
         self.last_eval: dict | None = None
+        self._started, self._out_of_time = time.monotonic(), False
+        if self._pending_eval:
+            self.logger.info(f"evaluating iteration {self.iter} first: the run that saved it stopped "
+                             f"before its evaluation")
+            self._evaluate_and_save(final=self.iter >= self.max_iters)
+            self._pending_eval = False
         if self.iter >= end:
             self.logger.info(f"nothing to train: already at iteration {self.iter} of {self.max_iters}")
             self.logger.close()
@@ -241,14 +291,20 @@ class Trainer:
                     data_time = time.perf_counter() - t0
                     scalars = self.run_step(chunk)
                     self.iter += 1
+                    if self._out_of_time and self._end_reason is None and self.iter < self.max_iters:
+                        self._end_reason = (f"train.max_time ({self.settings['max_time']:.0f} s) "
+                                            f"reached at iteration {self.iter} of {self.max_iters}")
                     images = sum(len(b[0]) for b in chunk) * self.dist.world_size
                     step_time = time.perf_counter() - t0
                     self._after_step(scalars, data_time, step_time, images, end)
-                    if self._stop_agreed and self.iter < end:
+                    if self._stop_agreed and self.iter < end and self._end_reason is None:
                         self._save_and_stop()
-                    if self.iter >= end:
+                    if self.iter >= end or self._end_reason is not None:
                         break
                 del batches  # shuts the epoch's workers down before the next epoch starts them
+                if self._end_reason is not None:
+                    self.logger.info(f"{self._end_reason}: training ends here (last.pth, final.pth)")
+                    break
         finally:
             stop.restore()
             self._stop_signal = None
@@ -258,13 +314,15 @@ class Trainer:
     def _save_and_stop(self) -> None:
         """Some rank got SIGTERM: every rank saves ``last.pth`` at this iteration boundary and stops."""
         if self._saved_last_at != self.iter:
-            self.save(last=True)
+            self.save(last=True, eval_due=self._eval_due(final=False))
         self.logger.info(f"SIGTERM: saved last.pth at iteration {self.iter} of {self.max_iters}; "
                          f"stopping (continue with --resume)")
         raise TrainingInterrupted(self.iter)
 
     def _after_step(self, scalars: dict, data_time: float, step_time: float, images: int,
                     end: int) -> None:
+        """Log, then checkpoint *before* evaluating (an evaluation that fails or outlasts a
+        preemption never costs the training), evaluate, write best.pth / final.pth."""
         it = self.iter
         self._meter.add({**scalars, "time": step_time, "data_time": data_time,
                          "images_per_s": images / max(step_time, 1e-9)})
@@ -275,34 +333,59 @@ class Trainer:
             if self.device.type == "cuda":
                 window["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             self.logger.log_train(it, (it - 1) // self.iters_per_epoch, window)
-        improved = False
-        if self.val is not None and ((self.eval_every > 0 and it % self.eval_every == 0)
-                                     or it == self.max_iters):
-            improved = self._evaluate()
-        if it % self.ckpt_every == 0 or it == end or improved:
-            self.save(last=it % self.ckpt_every == 0 or it == end, best=improved)
+        if self._stop_agreed and it < end and self._end_reason is None:
+            return  # SIGTERM: train() saves now and stops; the evaluation runs on --resume
+        final = it == self.max_iters or self._end_reason is not None
+        eval_due = self._eval_due(final)
+        if it % self.ckpt_every == 0 or it == end or final:
+            self.save(last=True, eval_due=eval_due)
+        if eval_due:
+            self._evaluate_and_save(final=final)
+        elif final:
+            self.save(last=False, final=True)
 
-    def _evaluate(self) -> bool:
-        """Evaluate the EMA (or plain) weights on every rank; True when the best metric improved."""
+    def _eval_due(self, final: bool) -> bool:
+        periodic = self.eval_every > 0 and self.iter % self.eval_every == 0
+        return self.val is not None and (final or periodic)
+
+    def _evaluate_and_save(self, *, final: bool) -> None:
+        """Evaluate this iteration, then write best.pth if it improved and final.pth if ``final``;
+        an early stop saves ``last.pth`` here too when no checkpoint was due."""
+        improved, stop = self._evaluate(final=final)
+        if stop is not None and not final:
+            self._end_reason, final = stop, True
+            if self._saved_last_at != self.iter:
+                self.save(last=True)
+        if improved or final:
+            self.save(last=False, best=improved, final=final)
+
+    def _evaluate(self, *, final: bool) -> tuple[bool, str | None]:
+        """Evaluate the EMA (or plain) weights on every rank: (best metric improved, early-stop
+        reason or None). A failure is re-raised naming the checkpoint that holds the training."""
         model = self.ema.module if self.ema is not None else self.model
         broadcast_buffers(model)  # every rank evaluates the model rank 0 saves
         _, loader, evaluator = self.val
-        results = inference_on_loader(model, loader, evaluator, self.device, log=self.logger.info)
+        try:
+            results = inference_on_loader(model, loader, evaluator, self.device, log=self.logger.info)
+        except Exception as e:
+            if final:  # final.pth as an uninterrupted run would have it (no new best)
+                self.save(last=False, final=True)
+            where = (f"{self.work_dir / 'last.pth'} (iteration {self._saved_last_at})"
+                     + (f" and {self.work_dir / 'final.pth'}" if final else ""))
+            note = (f"the evaluation at iteration {self.iter} failed; the training is saved in "
+                    f"{where}: fix the cause, then tools/eval.py CONFIG CHECKPOINT, or --resume")
+            if isinstance(e, DetkitError):
+                raise EvaluationError(f"{e}\n{note}") from e
+            self.logger.info(f"error: {note}")
+            raise
         self.last_eval = results
         self.logger.log_eval(self.iter, (self.iter - 1) // self.iters_per_epoch, results,
                              val_dataset=self.val[0])
-        metric = self.settings["checkpoint"]["best_metric"]
-        if not metric:
-            return False
-        if metric not in results:
-            self.logger.info(f"WARNING: train.checkpoint.best_metric '{metric}' is not among the "
-                             f"evaluation results ({', '.join(results)}); no best.pth is written")
-            return False
-        value = float(results[metric])
-        if self.best is None or value > self.best["value"]:
-            self.best = {"metric": metric, "value": value, "iter": self.iter}
-            return True
-        return False
+        improved, stop = self.evals.update(self.iter, results, self.logger.info)
+        improved, stop = broadcast_object((improved, stop))  # one decision for every rank
+        if self.dist.is_main:
+            self.evals.write(self.work_dir, self.iter)
+        return improved, stop
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -322,6 +405,7 @@ class Trainer:
                         "iters_per_epoch": self.iters_per_epoch},
             "rng": all_gather_object(ckpt_io.get_rng_state(self.model)),
             "best": self.best,
+            "early_stop": self.evals.watch,
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
             "meta": {"detkit_version": __version__,
@@ -330,31 +414,28 @@ class Trainer:
             "config": dump_config(self.cfg),
         }
 
-    def save(self, *, last: bool = True, best: bool = False) -> None:
-        """Write ``last.pth`` (+ ``iter_N.pth`` with retention; at the end also ``final.pth``)
-        and/or ``best.pth`` on rank 0. best/final are inference checkpoints (weights, config,
-        class names): only last/iter_N keep the optimizer and RNG state that --resume needs."""
+    def save(self, *, last: bool = True, best: bool = False, final: bool = False,
+             eval_due: bool = False) -> None:
+        """On rank 0: ``last.pth`` (the whole training state; the previous one becomes
+        ``iter_N.pth`` while ``keep`` allows), ``best.pth``, ``final.pth``. best/final are
+        inference checkpoints (weights, config, class names); final.pth is a hard link to
+        best.pth when both are written at once. ``eval_due``: this iteration's evaluation comes
+        after the save (a resume runs it when the run stopped before it finished)."""
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():  # never let a checkpoint carry NaN weights
                 raise FloatingPointError(f"parameter {name} is not finite at iteration {self.iter}; "
                                          f"not saving a checkpoint")
         state = self.state_dict()  # collective (RNG gather): every rank takes part
+        state["eval_due"] = bool(eval_due)
         if self.dist.is_main:
-            keep = int(self.settings["checkpoint"]["keep"])
-            paths = []
             if last:
-                paths.append(self.work_dir / "last.pth")
-                if keep > 0:
-                    paths.append(self.work_dir / f"iter_{self.iter}.pth")
-            if paths:
-                ckpt_io.save_checkpoint(state, paths)
-            lean = [self.work_dir / "best.pth"] if best else []
-            if last and self.iter >= self.max_iters:
-                lean.append(self.work_dir / "final.pth")
+                ckpt_io.save_last_checkpoint(state, self.work_dir,
+                                             int(self.settings["checkpoint"]["keep"]))
+            lean = [self.work_dir / "best.pth"] if best else [self.work_dir / "final.pth"] if final else []
             if lean:
                 ckpt_io.save_checkpoint(ckpt_io.inference_checkpoint(state), lean)
-            if last and keep > 0:
-                ckpt_io.prune_iter_checkpoints(self.work_dir, keep)
+            if best and final:
+                ckpt_io.link_or_copy(self.work_dir / "best.pth", self.work_dir / "final.pth")
         if last:
             self._saved_last_at = self.iter
         barrier()
@@ -363,6 +444,21 @@ class Trainer:
         ckpt = ckpt_io.load_checkpoint(path)
         ckpt_io.load_model_weights(self.model, ckpt_io.inference_state_dict(ckpt), source=str(path),
                                    allow_mismatch=True, log=self._log)
+
+    def _load_eval_state(self, ckpt: dict, source: str) -> None:
+        """Best metric and early-stop state: from eval_state.json when the evaluation after this
+        checkpoint finished, else the checkpoint's (and that evaluation is run first)."""
+        self.evals.load_state_dict({"best": ckpt.get("best"), "watch": ckpt.get("early_stop")})
+        own = Path(source).resolve().parent == self.work_dir.resolve()
+        saved = EvalTracker.read(self.work_dir) if own and self.dist.is_main else None
+        saved = broadcast_object(saved)
+        if saved is not None and saved["iter"] == self.iter:
+            self.evals.load_state_dict(saved)
+        elif ckpt.get("eval_due") and self.val_configured():
+            self._pending_eval = True
+
+    def val_configured(self) -> bool:
+        return (self.cfg.get("data") or {}).get("val") is not None and self.cfg.get("evaluation") is not None
 
     def _log(self, msg: str) -> None:
         if self.dist.is_main:
@@ -399,7 +495,7 @@ class Trainer:
                 self.ema = ModelEMA(self.model, decay=self.ema.decay, tau=self.ema.tau)
         self.iter = int(ckpt["iter"])
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
-        self.best = ckpt.get("best")
+        self._load_eval_state(ckpt, source)
         sampler = ckpt.get("sampler") or {}
         if sampler.get("iters_per_epoch", self.iters_per_epoch) != self.iters_per_epoch:
             self._log(f"WARNING: {source} was saved with {sampler['iters_per_epoch']} iterations per "

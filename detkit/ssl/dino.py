@@ -4,12 +4,18 @@ Self-distillation without labels: a student (backbone + DINO head) matches, by c
 the sharpened and centred output of a momentum teacher. The teacher sees the global views only;
 the student sees every view (multi-crop: 2 global + Vl local views), and each (teacher view,
 different student view) pair is one term. The centre is an EMA of the teacher's batch mean
-(all ranks); the teacher, as in the paper, is transferred.
+(all ranks); the teacher, as in the paper, is transferred. As the reference's multi-crop wrapper,
+the views of one resolution are encoded in one pass (3 backbone passes per step: student globals,
+student locals, teacher globals; BatchNorm statistics over all views of a size).
 
 Paper defaults kept: head 3-layer MLP (2048 hidden) -> 256 bottleneck -> L2 norm ->
 weight-normalised linear with g fixed to 1; student temperature 0.1, teacher 0.04 (optional
 linear warm-up from ``warmup_teacher_temp`` over ``warmup_fraction`` of the run), centre
 momentum 0.9, teacher momentum 0.996 -> 1 (cosine).
+
+Weight decay: the ViT recipe's cosine schedule from 0.04 to 0.4 (AdamW) is
+``train.scheduler.weight_decay_end`` (:mod:`detkit.engine.optim`); DINO's own ResNet-50 recipe
+keeps SGD's 1e-4 constant, as the shapes config does.
 
 Deviations: the shapes config uses out_dim 4096 (not 65536) for a 1000-image set; the last
 layer is not frozen during the first epoch and there is no gradient clipping by default
@@ -25,7 +31,19 @@ from .base import SSL_METHODS, SSLMethod
 from .heads import DINOHead, Encoder, cosine_schedule, make_momentum_copy, momentum_update
 from .losses import dino_cross_entropy, gather_no_grad, normalised_std
 
-__all__ = ["DINO"]
+__all__ = ["DINO", "encode_by_resolution"]
+
+
+def encode_by_resolution(encoder: nn.Module, views: list[Tensor]) -> list[Tensor]:
+    """``encoder`` over V views Float[B,3,S,S] of one size in one pass (Float[V*B,3,S,S]), as
+    DINO's multi-crop wrapper does: BatchNorm statistics over all V*B crops, one backbone call per
+    resolution. Returns the V embeddings Float[B,D] in view order; ``[]`` for no views."""
+    if not views:
+        return []
+    if any(v.shape != views[0].shape for v in views):
+        raise ValueError(f"encode_by_resolution: views of one group must share a shape, got "
+                         f"{sorted({tuple(v.shape) for v in views})}")
+    return list(encoder(torch.cat(views)).chunk(len(views)))
 
 
 @SSL_METHODS.register()
@@ -63,9 +81,10 @@ class DINO(SSLMethod):
         return start + t * (self.teacher_temp - start)
 
     def compute(self, global_views: list[Tensor], local_views: list[Tensor]) -> dict[str, Tensor]:
-        student = [self.student(x) for x in global_views + local_views]
+        student = (encode_by_resolution(self.student, global_views)
+                   + encode_by_resolution(self.student, local_views))
         with torch.no_grad():
-            teacher = [self.teacher(x) for x in global_views]
+            teacher = encode_by_resolution(self.teacher, global_views)
         loss = dino_cross_entropy(student, teacher, self.center, self.student_temp,
                                   self.current_teacher_temp())
         self._update_center(torch.cat(teacher))

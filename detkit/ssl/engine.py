@@ -24,6 +24,15 @@ class PretrainTrainer(Trainer):
     def build_model(self, cfg: dict) -> nn.Module:
         return build_method(cfg, "model")
 
+    def summary_forward(self):
+        """The summary's GFLOPs: the transferred backbone on one global view (the method's
+        forward has side effects: queues, centres)."""
+        method = self.model
+        assert isinstance(method, SSLMethod)
+        view = method._normalise(self.train_set[0][0][:1].to(self.device))   # Float[1,3,S,S]
+        backbone = method.exported_backbone()
+        return (lambda: backbone(view)), tuple(view.shape[1:]), f"the {method.backbone_type} backbone"
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         method = self.model

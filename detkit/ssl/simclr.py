@@ -1,6 +1,7 @@
 """SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations").
 
-One encoder (backbone + MLP projection head); NT-Xent over the two views of every image, the
+One encoder (backbone + MLP projection head) run once on both views of the batch (Float[2B,...],
+so BatchNorm sees 2B images, as in the reference); NT-Xent over the two views of every image, the
 other 2N - 2 views of the whole batch as negatives. Across ranks the projections are gathered
 *with gradient* (:func:`~detkit.ssl.losses.nt_xent`), so W processes of batch B train like one
 process of batch WB.
@@ -15,6 +16,7 @@ across GPUs is ``train.sync_bn: true`` (CUDA only; on CPU BN stays per process).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .base import SSL_METHODS, SSLMethod
@@ -39,5 +41,6 @@ class SimCLR(SSLMethod):
                                              out_dim=proj_dim))
 
     def compute(self, global_views: list[Tensor], local_views: list[Tensor]) -> dict[str, Tensor]:
-        z1, z2 = self.encoder(global_views[0]), self.encoder(global_views[1])
+        # Both views in one pass, as the reference does: BatchNorm statistics over all 2B images.
+        z1, z2 = self.encoder(torch.cat(global_views[:2])).chunk(2)
         return {"loss_nt_xent": nt_xent(z1, z2, self.temperature), "feature_std": normalised_std(z1)}

@@ -128,3 +128,37 @@ def test_lars_matches_the_layerwise_trust_ratio_formula():
             torch.testing.assert_close(p.detach(), w[i], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="eta > 0"):
         build_optimizer(_net(), {"type": "LARS", "lr": 0.1, "eta": 0.0})
+
+
+def test_weight_decay_cosine_schedule_as_dino():
+    # DINO's ViT recipe: weight decay 0.04 -> 0.4 along a half cosine over the run, per iteration;
+    # a group with decay 0 (norm, bias) stays 0, one with another decay scales in proportion.
+    opt = build_optimizer(_net(), {"type": "AdamW", "lr": 1e-3, "weight_decay": 0.04,
+                                   "weight_decay_norm": 0.02})
+    sched = build_scheduler(opt, {"type": "cosine", "weight_decay_end": 0.4}, max_iters=8,
+                            iters_per_epoch=None)
+    by_hand = [0.4 + (0.04 - 0.4) * (1 + math.cos(math.pi * it / 8)) / 2 for it in range(9)]
+    seen = []
+    for _ in range(9):
+        decays = sorted({g["weight_decay"] for g in opt.param_groups})
+        seen.append(decays)
+        sched.step()
+    assert [d[-1] for d in seen] == pytest.approx(by_hand)
+    assert [d[0] for d in seen] == [0.0] * 9                             # bias group
+    assert [d[1] for d in seen] == pytest.approx([w / 2 for w in by_hand])  # norm group at half
+    assert seen[4][-1] == pytest.approx(0.22)
+    # resumed from a state taken mid-run: the same decays from there on
+    opt2 = build_optimizer(_net(), {"type": "AdamW", "lr": 1e-3, "weight_decay": 0.04,
+                                    "weight_decay_norm": 0.02})
+    sched2 = build_scheduler(opt2, {"type": "cosine", "weight_decay_end": 0.4}, max_iters=8,
+                             iters_per_epoch=None)
+    for _ in range(3):
+        sched2.step()
+    state = sched2.state_dict()
+    for g in opt2.param_groups:          # what a loaded optimizer state holds: iteration 3's decays
+        g["weight_decay"] = -1.0
+    sched2.load_state_dict(state)
+    assert max(g["weight_decay"] for g in opt2.param_groups) == pytest.approx(by_hand[3])
+    with pytest.raises(ConfigError, match="weight_decay_end: needs train.optimizer.weight_decay > 0"):
+        build_scheduler(build_optimizer(_net(), {"type": "SGD", "lr": 0.1}),
+                        {"type": "cosine", "weight_decay_end": 0.4}, max_iters=8, iters_per_epoch=None)

@@ -50,7 +50,11 @@ def test_cli_outputs_and_resume_after_corrupt_last(shapes_root, tmp_path, capsys
     assert "bbox/AP50" in read_metrics(work, "val")[0]
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
     names = sorted(p.name for p in work.glob("*.pth"))
-    assert names == ["best.pth", "final.pth", "iter_2.pth", "last.pth"]  # iter_1.pth removed (keep: 1)
+    # keep: 1 keeps the previous last.pth as iter_1.pth (never a copy of last.pth); the final
+    # evaluation is the best, so final.pth is best.pth under a second name (one file on disk)
+    assert names == ["best.pth", "final.pth", "iter_1.pth", "last.pth"]
+    assert (work / "final.pth").samefile(work / "best.pth")
+    assert load_checkpoint(work / "iter_1.pth")["iter"] == 1
     assert load_checkpoint(work / "best.pth")["meta"]["class_names"] == ["circle", "square",
                                                                           "triangle", "star"]
 
@@ -62,7 +66,7 @@ def test_cli_outputs_and_resume_after_corrupt_last(shapes_root, tmp_path, capsys
     assert code == 0, out.err[-3000:]
     log = out.out + out.err
     assert "last.pth" in log and "truncated or corrupt" in log
-    assert f"resumed from {work / 'iter_2.pth'} at iteration 2" in log
+    assert f"resumed from {work / 'iter_1.pth'} at iteration 1" in log
     assert [r["iter"] for r in read_metrics(work)] == [1, 2, 3]
     assert load_checkpoint(work / "last.pth")["iter"] == 3
 

@@ -204,7 +204,8 @@ def test_epoch_schedule_periodic_eval_and_best_checkpoint(shapes_root, tmp_path)
     best = max(evals, key=lambda r: r["bbox/AP"])
     ckpt = load_checkpoint(tmp_path / "best.pth")
     assert ckpt["iter"] == best["iter"] and ckpt["best"]["value"] == best["bbox/AP"]
-    assert sorted(p.name for p in tmp_path.glob("iter_*.pth")) == ["iter_12.pth", "iter_8.pth"]
+    # keep: 2 earlier last.pth files (saved at epochs 1, 2), none a copy of last.pth (epoch 3)
+    assert sorted(p.name for p in tmp_path.glob("iter_*.pth")) == ["iter_4.pth", "iter_8.pth"]
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 3
 
 

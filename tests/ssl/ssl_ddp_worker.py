@@ -29,13 +29,13 @@ loss.backward()
 
 moco = build_method({"type": "MoCoV2", "backbone": dict(TINY_DARKNET), "proj_hidden_dim": 16,
                      "queue_size": 8})
-moco.encoder_k.eval()                     # running statistics: each key depends on its image only
+# The key encoder in train mode, as in training: BatchNorm normalises each rank's shuffled half of
+# the global batch, which is what Shuffle BN is for.
 images = torch.rand(6, 3, 32, 32)
-torch.manual_seed(100 + rank)             # different permutation draws: rank 0's must be used
+key_encoder = {k: v.clone() for k, v in moco.encoder_k.state_dict().items()}
+torch.manual_seed(103 + rank)             # different permutation draws: rank 0's must be used
 keys = moco._keys(images[mine])
 enqueue(moco.queue, moco.queue_ptr, gather_no_grad(keys))
-with torch.no_grad():
-    direct = moco.encoder_k(images[mine])
-torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad, "keys": keys, "direct": direct,
-            "queue": moco.queue.clone()}, Path(sys.argv[1]) / f"rank{rank}.pt")
+torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad, "keys": keys, "images": images,
+            "key_encoder": key_encoder, "queue": moco.queue.clone()}, Path(sys.argv[1]) / f"rank{rank}.pt")
 dist.destroy_process_group()

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from detkit.ssl import build_method
 from detkit.ssl.losses import nt_xent
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ssl_helpers import TINY_DARKNET  # noqa: E402
 
 
 @pytest.mark.slow
@@ -34,8 +37,27 @@ def test_gathered_negatives_equal_one_process_with_the_doubled_batch(tmp_path):
         assert torch.allclose(ranks[r]["g1"] / 2, z1.grad[rows], atol=1e-6)
         assert torch.allclose(ranks[r]["g2"] / 2, z2.grad[rows], atol=1e-6)
 
-    # MoCo's Shuffle BN: each rank gets back the keys of its own images; queues agree
+    # MoCo's Shuffle BN (key encoder in train mode): rank j encodes the j-th half of rank 0's
+    # permutation of the 6 images, with BatchNorm over that half; each rank gets back the keys
+    # of its own images in order; queues agree.
+    images = ranks[0]["images"]
+    moco = build_method({"type": "MoCoV2", "backbone": dict(TINY_DARKNET), "proj_hidden_dim": 16,
+                         "queue_size": 8})
+    torch.manual_seed(103)      # rank 0's draw in the worker
+    perm = torch.randperm(6)
+    assert set(perm[:3].tolist()) not in ({0, 1, 2}, {3, 4, 5})   # each half mixes both ranks' images
+    encoded = []
+    for j in (0, 1):
+        moco.encoder_k.load_state_dict(ranks[0]["key_encoder"])
+        with torch.no_grad():
+            encoded.append(moco.encoder_k(images[perm[3 * j:3 * j + 3]]))
+    expected = torch.empty(6, encoded[0].shape[1])
+    expected[perm] = torch.cat(encoded)
     for r in (0, 1):
-        assert torch.allclose(ranks[r]["keys"], ranks[r]["direct"], atol=1e-5)
+        assert torch.allclose(ranks[r]["keys"], expected[3 * r:3 * r + 3], atol=1e-5)
+        moco.encoder_k.load_state_dict(ranks[0]["key_encoder"])
+        with torch.no_grad():
+            unshuffled = moco.encoder_k(images[3 * r:3 * r + 3])
+        assert not torch.allclose(ranks[r]["keys"], unshuffled, atol=1e-3)   # the shuffle matters
     assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
     assert torch.allclose(ranks[0]["queue"][:6], torch.cat([ranks[0]["keys"], ranks[1]["keys"]]), atol=1e-6)

@@ -110,3 +110,22 @@ def test_subset_can_be_set_from_the_command_line(shapes_root):
     typo = load_config(path, ["data.train.subsett=0.25"])          # the split builder names it
     with pytest.raises(ConfigError, match="did you mean 'subset'"):
         build_dataset(typo["data"]["train"], root=str(shapes_root), path="data.train")
+
+
+def test_ssl_weights_into_a_frozen_bn_backbone_get_one_warning(tmp_path):
+    from detkit.engine.checkpoint import ssl_weights_in_frozen_bn
+
+    method = build_method({"type": "MoCoV2", "backbone": dict(R18), "queue_size": 8})
+    save_pretrain_checkpoint(method, tmp_path / "last.pth")
+    cfg = copy.deepcopy(CENTERNET)
+    cfg["backbone"]["weights"] = str(tmp_path / "last.pth")
+    frozen = copy.deepcopy(cfg)
+    frozen["backbone"]["norm"] = "FrozenBN"
+    warning = ssl_weights_in_frozen_bn(frozen, build_model(frozen))
+    assert warning is not None and "\n" not in warning
+    assert f"model.backbone.weights {tmp_path / 'last.pth'} is a MoCoV2 self-supervised" in warning
+    assert "--set model.backbone.norm=BN" in warning
+    assert ssl_weights_in_frozen_bn(cfg, build_model(cfg)) is None           # BN: nothing to say
+    torch.save(method.encoder_q.backbone.state_dict(), tmp_path / "plain.pth")  # not an SSL checkpoint
+    frozen["backbone"]["weights"] = str(tmp_path / "plain.pth")
+    assert ssl_weights_in_frozen_bn(frozen, build_model(frozen)) is None

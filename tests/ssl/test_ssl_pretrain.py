@@ -31,6 +31,9 @@ def config(root, name, **kw):
 def test_exact_resume_of_a_pretraining_run(tmp_path, name):
     root = make_folder(tmp_path / "images")
     cfg = config(root, name)
+    if name == "DINO":   # the ViT recipe's optimizer: AdamW, weight decay 0.04 -> 0.4 (cosine)
+        cfg["train"]["optimizer"] = {"type": "AdamW", "lr": 1e-3, "weight_decay": 0.04}
+        cfg["train"]["scheduler"]["weight_decay_end"] = 0.4
     pretrain(cfg, tmp_path / "straight")
     pretrain(cfg, tmp_path / "split", stop_after=2)
     half = load_checkpoint(tmp_path / "split" / "last.pth")
