@@ -249,10 +249,15 @@ class Predictor:
         batch_size: images per forward pass when a list is given.
         class_names: overrides the names found in the checkpoint / config / dataset.
         slice_size: when set, sliced inference (:mod:`detkit.slicing`): each image is cut into
-            overlapping ``slice_size`` tiles, predicted ``batch_size`` tiles at a time, merged.
+            overlapping ``slice_size`` tiles, predicted ``batch_size`` tiles at a time (tiles of
+            the images of one call share batches), merged; Mask R-CNN keeps its ``masks``.
         slice_overlap: fraction of ``slice_size`` by which neighbouring tiles overlap.
-        slice_merge: ``"nms"`` or ``"wbf"``: how tile (and full-image) boxes are merged.
+        slice_merge: ``"nms"`` or ``"wbf"``: how tile (and full-image) boxes are merged (a fused
+            box scores its best member's score, as with NMS).
         full_image: with slicing, also predict the whole image and merge it in.
+        full_image_size: with ``full_image``, shrink the whole image to this long side first
+            (the model's input size, SAHI's global view); None: as the test pipeline sizes it,
+            i.e. a second full-resolution pass when the pipeline does not resize.
         backend: ``"pytorch"`` for a checkpoint; for an exported ``.onnx`` file (tools/export.py)
             ``"onnxruntime"`` (default) or ``"openvino"``: no PyTorch model is built, the same
             pipeline and mapping back run around the runtime (``detkit.deploy.runtime``); the
@@ -266,14 +271,16 @@ class Predictor:
                  *, device: str | torch.device = "cpu", score_thr: float = 0.3, amp: bool = False,
                  batch_size: int = 4, class_names: Sequence[str] | None = None,
                  slice_size: int | None = None, slice_overlap: float = 0.2, slice_merge: str = "nms",
-                 full_image: bool = True, backend: str | None = None, threads: int | None = None,
+                 full_image: bool = True, full_image_size: int | None = None,
+                 backend: str | None = None, threads: int | None = None,
                  fold_bn: bool = False, channels_last: bool = False, compile: bool = False):
         from .deploy.runtime import BACKENDS, is_exported
         from .models import build_model
         from .slicing import SlicedInference
 
         self.slicer = None if slice_size is None else SlicedInference(
-            slice_size=slice_size, overlap=slice_overlap, merge=slice_merge, full_image=full_image)
+            slice_size=slice_size, overlap=slice_overlap, merge=slice_merge, full_image=full_image,
+            full_image_size=full_image_size)
 
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -349,10 +356,11 @@ class Predictor:
 
     def predict_arrays(self, images: Sequence[np.ndarray], *, sliced: bool = True) -> list[dict]:
         """One forward pass on HxWx3 uint8 RGB arrays (already decoded); one dict per image.
-        With ``slice_size`` set (and ``sliced``), each image is predicted tile by tile instead."""
+        With ``slice_size`` set (and ``sliced``), the images are predicted tile by tile instead,
+        ``batch_size`` tiles per forward pass whichever image they come from."""
         if sliced and self.slicer is not None:
             plain = functools.partial(self.predict_arrays, sliced=False)
-            return [self.slicer(image, plain, self.batch_size) for image in images]
+            return self.slicer.predict_images(images, plain, self.batch_size)
         tensors, metas = [], []
         for image in images:
             tensor, meta = self.pipeline(image)

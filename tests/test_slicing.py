@@ -30,41 +30,53 @@ pytestmark = pytest.mark.filterwarnings("ignore:Predictor. no checkpoint given")
 class RectOracle(Detector):
     """Boxes of the connected red / green components (labels 0 / 1). ``score_by="area"`` scores
     larger components higher, ``"small"`` smaller ones higher (a cut part beats the whole object
-    in NMS). Records the number of images of every call in ``calls``."""
+    in NMS). ``masks``: also return each component's pixels as Bool[K,h,w] (a Mask R-CNN stand-in).
+    Records the number of images of every call in ``calls``, their sizes in ``sizes`` and both in
+    the class-wide ``log`` (for models built inside tools/infer.py)."""
 
-    def __init__(self, *, num_classes: int = 2, score_by: str = "area", **kwargs):
+    log: list[list[tuple[int, int]]] = []
+
+    def __init__(self, *, num_classes: int = 2, score_by: str = "area", masks: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.score_by = score_by
+        self.score_by, self.with_masks = score_by, masks
         self.gain = torch.nn.Parameter(torch.tensor(1.0))   # something for a checkpoint to hold
         self.calls: list[int] = []
+        self.sizes: list[list[tuple[int, int]]] = []
 
     def forward_test(self, batch):
-        self.calls.append(len(batch.image_sizes))
+        sizes = [tuple(int(v) for v in s) for s in batch.image_sizes]
+        self.calls.append(len(sizes))
+        self.sizes.append(sizes)
+        RectOracle.log.append(sizes)
         pixels = batch.tensor * self.pixel_std + self.pixel_mean
-        results = []
-        for img, (h, w) in zip(pixels, batch.image_sizes):
-            boxes, scores, labels = [], [], []
-            for label, channel in ((0, 0), (1, 1)):
-                others = [c for c in range(3) if c != channel]
-                mask = (img[channel, :h, :w] > 0.6) & (img[others, :h, :w] < 0.4).all(0)
-                count, _, stats, _ = cv2.connectedComponentsWithStats(mask.numpy().astype(np.uint8))
-                for x, y, bw, bh, area in stats[1:count].tolist():
-                    boxes.append([x, y, x + bw, y + bh])
-                    frac = min(1.0, area / 900)
-                    scores.append(0.5 + 0.4 * (frac if self.score_by == "area" else 1 - frac))
-                    labels.append(label)
-            results.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                            "scores": torch.tensor(scores) * self.gain.detach(),
-                            "labels": torch.tensor(labels, dtype=torch.int64)})
-        return results
+        return [self._detect(img, h, w) for img, (h, w) in zip(pixels, sizes)]
+
+    def _detect(self, img, h, w):
+        boxes, scores, labels, masks = [], [], [], []
+        for label, channel in ((0, 0), (1, 1)):
+            others = [c for c in range(3) if c != channel]
+            mask = (img[channel, :h, :w] > 0.6) & (img[others, :h, :w] < 0.4).all(0)
+            count, components, stats, _ = cv2.connectedComponentsWithStats(mask.numpy().astype(np.uint8))
+            for k, (x, y, bw, bh, area) in enumerate(stats[1:count].tolist(), start=1):
+                boxes.append([x, y, x + bw, y + bh])
+                frac = min(1.0, area / 900)
+                scores.append(0.5 + 0.4 * (frac if self.score_by == "area" else 1 - frac))
+                labels.append(label)
+                masks.append(torch.from_numpy(components == k))
+        result = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  "scores": torch.tensor(scores) * self.gain.detach(),
+                  "labels": torch.tensor(labels, dtype=torch.int64)}
+        if self.with_masks:
+            result["masks"] = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+        return result
 
 
 if "RectOracle" not in DETECTORS:
     DETECTORS.register()(RectOracle)
 
 
-def oracle_cfg(score_by="area"):
-    return {"model": {"type": "RectOracle", "num_classes": 2, "score_by": score_by},
+def oracle_cfg(score_by="area", masks=False):
+    return {"model": {"type": "RectOracle", "num_classes": 2, "score_by": score_by, "masks": masks},
             "data": {"class_names": ["red", "green"], "val": {"pipeline": []}}}
 
 
@@ -195,33 +207,91 @@ def test_plain_nms_alone_would_report_a_cut_rectangle_twice():
     assert boxes_of(slicer(image, plain, 4)) == sorted([(116, 40, 128, 60), STRADDLE])
 
 
-def test_tiles_go_in_batches_of_batch_size_then_the_full_image():
+def test_tiles_of_several_images_share_batches_then_the_full_images():
     predictor = Predictor(oracle_cfg(), None, score_thr=0.0, batch_size=4, slice_size=128, slice_overlap=0.25)
     predictor(canvas(300, 300, red=[INNER]))
     assert predictor.model.calls == [4, 4, 1, 1]                 # 9 tiles, then the whole image
     predictor.model.calls.clear()
+    # 9 + 1 (a one-tile image: plain inference, batched with the tiles) + 6 tiles, 5 per pass;
+    # then the two multi-tile images' whole views in one pass
+    images = [canvas(300, 300, red=[STRADDLE]), canvas(100, 120, red=[(10, 10, 30, 40)]),
+              canvas(200, 300, green=[(60, 100, 100, 110)])]
+    predictor.batch_size = 5
+    results = predictor.predict_arrays(images)
+    assert predictor.model.calls == [5, 5, 5, 1, 2]
+    assert predictor.model.sizes[-1] == [(300, 300), (200, 300)]
+    assert [boxes_of(r, 0) for r in results] == [[STRADDLE], [(10, 10, 30, 40)], []]
+    assert boxes_of(results[2], 1) == [(60, 100, 100, 110)] and results[1]["image_size"] == (100, 120)
+    predictor.model.calls.clear()
     predictor.slicer.full_image = False
+    predictor.batch_size = 4
     predictor.predict_arrays([canvas(300, 300), canvas(300, 300)])
-    assert predictor.model.calls == [4, 4, 1] * 2
+    assert predictor.model.calls == [4, 4, 4, 4, 2]
 
 
-@pytest.mark.parametrize("size", [(100, 120), (128, 128)])
-def test_one_tile_equals_plain_inference_with_a_real_model(size):
-    cfg = {"model": {"type": "OneStageDetector", "num_classes": 3,
-                     "backbone": {"type": "ResNet", "depth": 18, "out_features": ["c5"], "weights": None},
-                     "neck": {"type": "CenterNetUpsample", "channels": [32, 16, 16]},
-                     "head": {"type": "CenterNetHead", "head_channels": 16}},
-           "data": {"class_names": ["a", "b", "c"], "val": {"pipeline": []}}}
-    torch.manual_seed(0)
-    plain = Predictor(cfg, None, score_thr=0.0)
-    sliced = Predictor(cfg, None, score_thr=0.0, slice_size=128, slice_merge="wbf")
-    sliced.model.load_state_dict(plain.model.state_dict())
-    image = np.random.default_rng(0).integers(0, 255, size=(*size, 3), dtype=np.uint8)
-    a, b = plain(image), sliced(image)
-    assert len(a["boxes"]) > 0
-    for key in ("boxes", "scores", "labels"):
-        assert torch.equal(a[key], b[key]), key
-    assert a["label_names"] == b["label_names"] and a["image_size"] == b["image_size"]
+def test_wbf_over_tiles_keeps_the_best_member_score_nms_unchanged():
+    from detkit.slicing import merge_tile_detections
+
+    boxes = torch.tensor([[10.0, 10, 50, 50], [12, 10, 50, 52], [100, 100, 120, 130], [11, 10, 50, 50]])
+    scores, labels = torch.tensor([0.3, 0.9, 0.5, 0.7]), torch.tensor([0, 0, 0, 1])
+    b, sc, lab, src = merge_tile_detections(boxes, scores, labels, merge="wbf", iou_thr=0.5)
+    assert sc.tolist() == pytest.approx([0.9, 0.7, 0.5]) and lab.tolist() == [0, 1, 0]
+    assert src.tolist() == [1, 3, 2]                       # the best member (its mask is kept)
+    assert b[0].tolist() == pytest.approx(((boxes[0] * 0.3 + boxes[1] * 0.9) / 1.2).tolist())
+    _, mean, _, _ = merge_tile_detections(boxes, scores, labels, merge="wbf", iou_thr=0.5, wbf_score="mean")
+    assert mean.tolist() == pytest.approx([0.7, 0.6, 0.5])
+    b, sc, lab, src = merge_tile_detections(boxes, scores, labels, merge="nms", iou_thr=0.5, max_detections=2)
+    assert src.tolist() == [1, 3] and torch.equal(b, boxes[[1, 3]])
+    assert sc.tolist() == pytest.approx([0.9, 0.7])
+    # End to end: the straddling rectangle's cut part (0.607) fused with its whole view (0.767)
+    image = canvas(300, 300, red=[STRADDLE])
+    predictor = Predictor(oracle_cfg(), None, score_thr=0.0)
+    plain = lambda tiles: predictor.predict_arrays(tiles, sliced=False)  # noqa: E731
+    slicer = SlicedInference(slice_size=128, overlap=0.25, merge="wbf", full_image=False, cover_thr=1.1,
+                             iou_thr=0.3)
+    result = slicer(image, plain, 4)
+    assert result["scores"].tolist() == pytest.approx([0.5 + 0.4 * 600 / 900])
+    with pytest.raises(ValueError, match="wbf_score"):
+        SlicedInference(slice_size=128, wbf_score="median")
+
+
+def rect_mask(h, w, rect):
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[rect[1]:rect[3], rect[0]:rect[2]] = True
+    return mask
+
+
+@pytest.mark.parametrize("merge,full_image", list(itertools.product(["nms", "wbf"], [True, False])))
+def test_mask_model_sliced_returns_each_objects_mask_in_image_pixels(merge, full_image):
+    rects = [STRADDLE, CORNER, BORDER, INNER]
+    predictor = Predictor(oracle_cfg(masks=True), None, score_thr=0.0, batch_size=3, slice_size=128,
+                          slice_overlap=0.25, slice_merge=merge, full_image=full_image)
+    big, small = canvas(300, 300, red=rects[:3], green=[INNER]), canvas(90, 120, red=[(5, 6, 40, 50)])
+    results = predictor.predict_arrays([big, small])
+    for result, (h, w) in zip(results, [(300, 300), (90, 120)]):   # many tiles or one: same format
+        assert result["masks"].dtype == torch.bool and result["masks"].shape == (len(result["boxes"]), h, w)
+        for box, mask in zip(result["boxes"].round().int().tolist(), result["masks"]):
+            assert torch.equal(mask, rect_mask(h, w, box)), box
+    assert boxes_of(results[0], 0) == sorted(rects[:3]) and boxes_of(results[0], 1) == [INNER]
+    empty = predictor.predict_arrays([canvas(300, 300)])[0]
+    assert empty["masks"].shape == (0, 300, 300)
+
+
+def test_full_image_size_runs_the_whole_view_at_the_models_size():
+    big = (20, 20, 260, 200)      # larger than a tile: only the whole view sees it uncut
+    image = canvas(300, 300, red=[big, (20, 250, 50, 265)])
+    predictor = Predictor(oracle_cfg(masks=True), None, score_thr=0.0, batch_size=9, slice_size=128,
+                          slice_overlap=0.25, full_image_size=150)
+    result = predictor(image)
+    assert predictor.model.sizes[-1] == [(150, 150)]            # not a second 300 x 300 pass
+    assert boxes_of(result) == sorted([big, (20, 250, 50, 265)])
+    for box, mask in zip(result["boxes"].round().int().tolist(), result["masks"]):
+        assert torch.equal(mask, rect_mask(300, 300, box)), box
+    predictor.slicer.full_image_size = 1000                      # never enlarges
+    predictor(canvas(300, 200))
+    assert predictor.model.sizes[-1] == [(300, 200)]
+    with pytest.raises(ValueError, match="full_image_size"):
+        SlicedInference(slice_size=128, full_image_size=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,60 +322,28 @@ def test_infer_tool_slice_options(tmp_path, capsys):
     assert "--slice-overlap must be in [0, 1)" in capsys.readouterr().err
 
 
-FAMILIES = ["centernet/centernet_r18_shapes.yaml", "yolo/yolov3_tiny_shapes.yaml",
-            "faster_rcnn/faster_rcnn_r18_fpn_shapes.yaml", "rfcn/rfcn_r18_shapes.yaml"]
+def test_infer_tool_batches_the_tiles_of_a_folders_images(tmp_path):
+    """--batch-size images are read per step, their tiles predicted --batch-size per pass."""
+    import json
 
-
-@pytest.mark.parametrize("config", FAMILIES)
-def test_every_detector_family_runs_sliced(config):
-    """Slicing only needs the predictor's per-batch function: any detector works."""
-    from detkit.config import load_config
-
-    torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / config, ["data.val.pipeline=[]"])
-    predictor = Predictor(cfg, None, score_thr=0.0, batch_size=3, slice_size=96, slice_overlap=0.2,
-                          class_names=["a", "b", "c", "d"])
-    image = np.random.default_rng(1).integers(0, 255, size=(150, 200, 3), dtype=np.uint8)
-    result = predictor(image)
-    boxes = result["boxes"]
-    assert len(boxes) > 0 and result["image_size"] == (150, 200)
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 200).all() and (boxes[:, 3] <= 150).all()
-    assert (result["scores"][:-1] >= result["scores"][1:]).all()        # merged, best first
-
-
-def test_weighted_boxes_fusion_equals_its_per_pair_definition():
-    """WBF compares each box with all clusters at once (sliced inference merges thousands of
-    boxes); the result must be that of the plain loop over clusters in its docstring."""
-    from torchvision.ops import box_iou
-
-    from detkit.models.multiscale import weighted_boxes_fusion
-
-    def reference(boxes, scores, labels, iou_thr, num_views):
-        fused, members, cluster_labels = [], [], []
-        for idx in torch.argsort(scores, descending=True).tolist():
-            best, best_iou = -1, iou_thr
-            for c, box in enumerate(fused):
-                iou = box_iou(box[None], boxes[idx][None])[0, 0].item()
-                if cluster_labels[c] == int(labels[idx]) and iou > best_iou:
-                    best, best_iou = c, iou
-            if best < 0:
-                fused.append(boxes[idx].clone())
-                members.append([idx])
-                cluster_labels.append(int(labels[idx]))
-            else:
-                members[best].append(idx)
-                w = scores[members[best]]
-                fused[best] = (boxes[members[best]] * w[:, None]).sum(0) / w.sum()
-        out_scores = torch.stack([scores[m].mean() * min(len(m), num_views) / num_views for m in members])
-        return torch.stack(fused), out_scores, torch.tensor(cluster_labels)
-
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(150, 2, generator=g) * 120
-    boxes = torch.cat([xy, xy + torch.rand(150, 2, generator=g) * 30 + 5], 1)
-    scores, labels = torch.rand(150, generator=g), torch.randint(0, 3, (150,), generator=g)
-    for iou_thr, num_views in ((0.3, 2), (0.55, 1)):
-        got = weighted_boxes_fusion(boxes, scores, labels, iou_thr=iou_thr, num_views=num_views)
-        want = reference(boxes, scores, labels, iou_thr, num_views)
-        assert len(got[0]) < 150
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+    cfg_path, ckpt, folder = tmp_path / "oracle.yaml", tmp_path / "oracle.pth", tmp_path / "images"
+    dump_config(oracle_cfg(), cfg_path)
+    torch.save({"model": {"gain": torch.tensor(1.0)}, "meta": {"class_names": ["red", "green"]}}, ckpt)
+    folder.mkdir()
+    rects = [STRADDLE, CORNER, INNER]
+    for k, rect in enumerate(rects):
+        cv2.imwrite(str(folder / f"{k}.png"), cv2.cvtColor(canvas(300, 300, red=[rect]), cv2.COLOR_RGB2BGR))
+    RectOracle.log.clear()
+    assert infer.main([str(cfg_path), str(ckpt), str(folder), "--no-draw", "--score-thr", "0", "--out",
+                       str(tmp_path / "out"), "--slice", "128", "--slice-overlap", "0.25",
+                       "--batch-size", "4", "--full-image-size", "150"]) == 0
+    assert [len(sizes) for sizes in RectOracle.log] == [4] * 6 + [3, 3]    # 27 tiles, 3 whole views
+    assert RectOracle.log[-1] == [(150, 150)] * 3
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted((r["file_name"], r["bbox"]) for r in records) == [
+        (f"{k}.png", [float(x0), float(y0), float(x1 - x0), float(y1 - y0)])
+        for k, (x0, y0, x1, y1) in enumerate(rects)]
+    with pytest.raises(SystemExit) as exc:
+        infer.main([str(cfg_path), str(ckpt), str(folder), "--out", str(tmp_path / "b"), "--slice", "128",
+                    "--full-image-size", "0"])
+    assert exc.value.code == 2

@@ -3,7 +3,8 @@
 
     python tools/infer.py [CONFIG] CHECKPOINT INPUT [INPUT ...] --out DIR
         [--score-thr 0.3] [--batch-size 4] [--device cpu|cuda] [--amp] [--coco-gt ANN.json]
-        [--no-draw] [--slice S [--slice-overlap F] [--slice-merge nms|wbf] [--no-full-image]]
+        [--no-draw] [--slice S [--slice-overlap F] [--slice-merge nms|wbf] [--no-full-image]
+         [--full-image-size N]]
         [--backend pytorch|onnxruntime|openvino] [--threads N] [--set key=value ...]
 
 CONFIG is optional: a checkpoint of ``tools/train.py`` (and an export) holds its resolved config.
@@ -293,6 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="merge tile boxes by NMS or weighted boxes fusion (default nms)")
     parser.add_argument("--no-full-image", action="store_true",
                         help="with --slice: skip the extra pass over the whole image")
+    parser.add_argument("--full-image-size", type=int, metavar="N",
+                        help="with --slice: shrink the whole image to a long side of N px for that "
+                             "pass (the model's input size); default: as the test pipeline sizes it")
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "openvino"),
                         help="default: pytorch for a checkpoint, onnxruntime for an exported .onnx")
     parser.add_argument("--threads", type=int, help="threads of an onnxruntime / openvino backend")
@@ -313,6 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--slice must be >= 1 pixel, got {args.slice}")
     if not 0.0 <= args.slice_overlap < 1.0:
         parser.error(f"--slice-overlap must be in [0, 1), got {args.slice_overlap}")
+    if args.full_image_size is not None and args.full_image_size < 1:
+        parser.error(f"--full-image-size must be >= 1 pixel, got {args.full_image_size}")
     return args
 
 
@@ -323,7 +329,8 @@ def infer_main(argv=None) -> int:
         predictor = Predictor(cfg, args.checkpoint, device=args.device, score_thr=args.score_thr,
                               amp=args.amp, batch_size=args.batch_size, slice_size=args.slice,
                               slice_overlap=args.slice_overlap, slice_merge=args.slice_merge,
-                              full_image=not args.no_full_image, backend=args.backend,
+                              full_image=not args.no_full_image, full_image_size=args.full_image_size,
+                              backend=args.backend,
                               threads=args.threads)
     except (ValueError, OSError) as e:   # the config / checkpoint / device the user named
         if isinstance(e, DetkitError):

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
-__all__ = ["MultiScaleTrain", "TestTimeAug", "weighted_boxes_fusion", "merge_detections", "flip_boxes"]
+__all__ = ["MultiScaleTrain", "TestTimeAug", "wbf_clusters", "weighted_boxes_fusion", "merge_detections",
+           "flip_boxes"]
 
 
 def flip_boxes(boxes: Tensor, width: int) -> Tensor:
@@ -95,14 +96,14 @@ class MultiScaleTrain:
         return out_images, out_targets
 
 
-def weighted_boxes_fusion(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_thr: float,
-                          num_views: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Fuse overlapping same-class boxes from ``num_views`` predictions into score-weighted means.
+def wbf_clusters(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_thr: float
+                 ) -> tuple[Tensor, Tensor, list[list[int]]]:
+    """The clustering of :func:`weighted_boxes_fusion`: fused boxes Float[C,4] xyxy, cluster
+    labels Int64[C] and each cluster's member indices into the inputs, highest score first.
 
     Boxes are visited by descending score; each joins the first cluster of its class whose fused
     box overlaps it by more than ``iou_thr``, else starts a cluster. A cluster's box is the
-    score-weighted mean of its members; its score is their mean score times
-    ``min(members, num_views) / num_views``, so a box that only one view found is down-weighted.
+    score-weighted mean of its members.
     """
     # One IoU row against all clusters per box (not a Python loop over clusters): sliced inference
     # merges thousands of boxes. argmax returns the first maximum, the loop's tie-break.
@@ -123,10 +124,21 @@ def weighted_boxes_fusion(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_
             members[best].append(idx)
             w = scores[members[best]]
             fused[best] = (boxes[members[best]] * w[:, None]).sum(0) / w.sum()
+    return fused[:len(members)], cluster_labels[:len(members)], members
+
+
+def weighted_boxes_fusion(boxes: Tensor, scores: Tensor, labels: Tensor, *, iou_thr: float,
+                          num_views: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Fuse overlapping same-class boxes from ``num_views`` predictions into score-weighted means.
+
+    Clusters as :func:`wbf_clusters`; a cluster's score is its members' mean score times
+    ``min(members, num_views) / num_views``, so a box that only one view found is down-weighted.
+    """
+    fused, cluster_labels, members = wbf_clusters(boxes, scores, labels, iou_thr=iou_thr)
     if not members:
         return boxes.new_zeros(0, 4), scores.new_zeros(0), labels.new_zeros(0)
     out_scores = torch.stack([scores[m].mean() * min(len(m), num_views) / num_views for m in members])
-    return fused[:len(members)], out_scores, cluster_labels[:len(members)]
+    return fused, out_scores, cluster_labels
 
 
 class TestTimeAug:
