@@ -26,6 +26,13 @@ of all those sets' matches (for each query the target it is matched to most ofte
 loss keeps each set's own matching. DEIM's Dense O2O itself is data: more targets per image from
 mosaic (``detkit/data/mosaic.py``, the ``Mosaic`` dataset wrapper) and mixup, then the same
 one-to-one matching; nothing else in the loss changes (the matcher takes any N, also N > Q).
+
+Where the references differ (tested against transformers' RTDetrLoss, DFineLoss, Deimv2Loss):
+the last layer's FGL is computed (the original D-FINE does; transformers leaves it out); the
+pre-bbox head sets are supervised (original D-FINE; transformers has no ``pre_outputs``) and take
+part in the union; the denoising DDF mixes its matched / unmatched means by its own counts
+(transformers; the original reuses the matching queries' counts). Not supported: RT-DETRv2's
+class-agnostic encoder loss (off in every published config).
 """
 
 from __future__ import annotations

@@ -270,3 +270,23 @@ def test_real_head_outputs_train_with_the_criterion(kind, criterion):
         optimizer.step()
         totals.append(total.item())
     assert sum(totals[-5:]) < 0.85 * sum(totals[:5]), totals   # denoising noise varies per step
+
+
+def test_box_count_is_averaged_over_ranks(monkeypatch):
+    """Under DDP every term is divided by the mean box count of the ranks (a stand-in for a second
+    rank holding 5 boxes), so a rank with few boxes does not inflate its loss."""
+    import detkit.models.detr.criterion as module
+
+    def all_reduce(value):
+        value += 5.0   # the other rank's count
+    monkeypatch.setattr(module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(module.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(module.dist, "get_world_size", lambda: 2)
+    assert module.average_count(1, torch.device("cpu")) == 3.0
+    assert module.average_count(0, torch.device("cpu")) == 2.5
+    targets = make_targets([1])
+    outputs = make_outputs(targets, denoising=False)
+    distributed = SetCriterion(num_classes=NUM_CLASSES)(outputs, targets)
+    monkeypatch.setattr(module.dist, "is_initialized", lambda: False)
+    alone = SetCriterion(num_classes=NUM_CLASSES)(outputs, targets)
+    assert torch.allclose(distributed["loss_giou"] * 3.0, alone["loss_giou"])
