@@ -274,7 +274,7 @@ class Predictor:
                  full_image: bool = True, full_image_size: int | None = None,
                  backend: str | None = None, threads: int | None = None,
                  fold_bn: bool = False, channels_last: bool = False, compile: bool = False):
-        from .deploy.runtime import BACKENDS, is_exported
+        from .deploy.runtime import BACKENDS, default_backend, is_exported
         from .models import build_model
         from .slicing import SlicedInference
 
@@ -284,10 +284,11 @@ class Predictor:
 
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
-        self.backend = backend or ("onnxruntime" if is_exported(checkpoint) else "pytorch")
+        self.backend = backend or (default_backend(checkpoint) if is_exported(checkpoint) else "pytorch")
         if is_exported(checkpoint) == (self.backend == "pytorch"):
             raise ValueError(f"backend '{self.backend}' cannot run {checkpoint}: the PyTorch backend "
-                             f"takes a checkpoint, onnxruntime / openvino an exported .onnx file")
+                             f"takes a checkpoint, onnxruntime / openvino an exported .onnx "
+                             f"(openvino also an IR .xml) file")
         if self.backend != "pytorch":
             self._init_deployed(config, checkpoint, device=str(device), threads=threads,
                                 score_thr=score_thr, batch_size=batch_size, class_names=class_names)

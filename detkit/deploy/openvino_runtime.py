@@ -1,6 +1,6 @@
 """Run an exported detkit model with the OpenVINO runtime (CPU), the same call as ONNX Runtime.
 
-OpenVINO reads the ``.onnx`` file (its ONNX frontend handles ``NonMaxSuppression`` and
+OpenVINO reads the ``.onnx`` file or an IR ``.xml`` (its ONNX frontend handles ``NonMaxSuppression`` and
 ``RoiAlign``); dynamic axes stay dynamic. OpenVINO reads an input that has a default (the
 detectors' optional ``image_sizes``, an initializer of the same name) as a constant, so the
 default is removed from an in-memory copy first and the input is always fed.
@@ -20,10 +20,15 @@ __all__ = ["OpenVINOModel"]
 
 
 def _read_without_defaults(core, path: str | os.PathLike):
-    """``core.read_model`` of the file with the initializers that shadow graph inputs removed."""
+    """``core.read_model`` of the file with the initializers that shadow graph inputs removed
+    (an OpenVINO IR ``.xml``, e.g. an INT8 model from ``tools/export.py --int8``, is read as is:
+    it was written from such a copy)."""
     import tempfile
 
     import onnx
+
+    if str(path).lower().endswith(".xml"):
+        return core.read_model(str(path))
 
     proto = onnx.load(str(path))
     inputs = {i.name for i in proto.graph.input}
@@ -49,7 +54,7 @@ class OpenVINOModel:
         except ImportError:
             raise ValueError("backend 'openvino' needs the openvino package (pip install openvino)") from None
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file")
+            raise FileNotFoundError(f"{path}: no such ONNX or OpenVINO IR file")
         if str(device) != "cpu":
             raise ValueError(f"backend 'openvino' runs on the CPU here; got device '{device}'")
         # f32: the CPU plugin may otherwise pick bf16 on CPUs that have it, changing the scores

@@ -227,7 +227,9 @@ def quantize_openvino(src: str | os.PathLike, dst: str | os.PathLike, calibratio
     keep = float_layers(onnx.load(str(src)), skip)
     if not calibration.images:
         raise QuantizationError("calibration: no images")
-    model = ov.Core().read_model(str(src))
+    from .openvino_runtime import _read_without_defaults
+
+    model = _read_without_defaults(ov.Core(), src)   # keeps image_sizes an input
     names = {op.get_friendly_name() for op in model.get_ops()}
     ignored = nncf.IgnoredScope(names=[n for n in keep if n in names], validate=False)
     quantized = nncf.quantize(model, nncf.Dataset(calibration),

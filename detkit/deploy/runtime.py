@@ -27,7 +27,7 @@ from ..config import load_yaml
 from ..errors import DetkitError
 from ..models.detectors.base import IMAGENET_MEAN, Detector
 
-__all__ = ["DeployedModel", "ExportedInputError", "is_exported", "BACKENDS"]
+__all__ = ["DeployedModel", "ExportedInputError", "is_exported", "default_backend", "BACKENDS"]
 
 BACKENDS = ("pytorch", "onnxruntime", "openvino")
 
@@ -37,8 +37,14 @@ class ExportedInputError(DetkitError, ValueError):
 
 
 def is_exported(checkpoint) -> bool:
-    """True for an exported ``.onnx`` file (what the runtimes run), False for a checkpoint."""
-    return checkpoint is not None and str(checkpoint).lower().endswith(".onnx")
+    """True for an exported ``.onnx`` file or OpenVINO IR ``.xml`` (what the runtimes run), False
+    for a checkpoint."""
+    return checkpoint is not None and str(checkpoint).lower().endswith((".onnx", ".xml"))
+
+
+def default_backend(checkpoint) -> str:
+    """The runtime an exported file runs on when none is named: OpenVINO for an IR ``.xml``."""
+    return "openvino" if str(checkpoint).lower().endswith(".xml") else "onnxruntime"
 
 
 class DeployedModel:
