@@ -24,8 +24,9 @@ and transformers name them. The total is the same.
 the box and FGL/DDF terms of every decoder layer, the pre-bbox head and the encoder use the union
 of all those sets' matches (for each query the target it is matched to most often), the class
 loss keeps each set's own matching. DEIM's Dense O2O itself is data: more targets per image from
-mosaic (``detkit/data/mosaic.py``, the ``Mosaic`` dataset wrapper) and mixup, then the same
-one-to-one matching; nothing else in the loss changes (the matcher takes any N, also N > Q).
+mosaic (``detkit/data/mosaic.py``, the ``Mosaic`` dataset wrapper) and mixup (not in detkit yet),
+then the same one-to-one matching; nothing else in the loss changes (the matcher takes any N,
+also N > Q).
 
 Where the references differ (tested against transformers' RTDetrLoss, DFineLoss, Deimv2Loss):
 the last layer's FGL is computed (the original D-FINE does; transformers leaves it out); the
