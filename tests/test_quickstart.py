@@ -204,3 +204,23 @@ def test_device_choice_narrows_the_visible_gpus(monkeypatch):
         select_training_device("cuda:4")
     with pytest.raises(DetkitError, match="expected cpu, cuda or cuda:N"):
         select_training_device("gpu0")
+
+
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
+def test_the_download_error_names_norm_only_for_frozen_bn(norm, monkeypatch):
+    import torchvision.models._api as tv_api
+
+    from detkit.models import BACKBONES
+    from detkit.models.pretrained import PretrainedWeightsError
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(tv_api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(PretrainedWeightsError) as info:
+        BACKBONES.build({"type": "ResNet", "depth": 18, "norm": norm, "weights": "IMAGENET1K_V1"},
+                        "model.backbone")
+    message = str(info.value)
+    assert "\n" not in message and "model.backbone.weights=null" in message
+    assert ("model.backbone.norm=BN" in message) == (norm == "FrozenBN")
+    assert "https://download.pytorch.org/models/resnet18" in message   # where to fetch it by hand
