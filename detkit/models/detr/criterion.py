@@ -121,8 +121,9 @@ class SetCriterion(nn.Module):
         class_loss: ``vfl`` (RT-DETR, D-FINE), ``focal`` or ``mal`` (DEIM; use ``gamma=1.5``).
         alpha / gamma: the class loss's parameters (varifocal: 0.75, 2.0; focal: set 0.25).
         mal_alpha: MAL's negative weight (None: 1, DEIM's default).
-        weights: per-term weights, keys ``class`` (the class loss), ``bbox``, ``giou``, ``fgl``,
-            ``ddf``; missing keys keep RT-DETR / D-FINE's 1, 5, 2, 0.15, 1.5.
+        weights: per-term weights, keys ``class`` (the class loss; or its name ``vfl`` / ``focal`` /
+            ``mal``), ``bbox``, ``giou``, ``fgl``, ``ddf``; missing keys keep RT-DETR / D-FINE's
+            1, 5, 2, 0.15, 1.5.
         matcher: :class:`HungarianMatcher` keyword arguments (default: costs 2 / 5 / 2,
             focal cost with alpha 0.25, gamma 2).
         union_matching: D-FINE's / DEIM's union ("GO") matching for the box and local terms
@@ -143,13 +144,15 @@ class SetCriterion(nn.Module):
         super().__init__()
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"class_loss must be one of {', '.join(CLASS_LOSSES)}, got {class_loss!r}")
-        unknown = sorted(set(weights or {}) - set(DEFAULT_WEIGHTS))
+        # the class term may also be named after its key (``vfl: 1.0`` for ``loss_vfl``)
+        weights = {("class" if k in CLASS_LOSSES else k): v for k, v in (weights or {}).items()}
+        unknown = sorted(set(weights) - set(DEFAULT_WEIGHTS))
         if unknown:
             raise ValueError(f"weights: unknown term(s) {unknown}; terms: {', '.join(DEFAULT_WEIGHTS)}")
         self.num_classes = int(num_classes)
         self.class_loss = class_loss
         self.alpha, self.gamma, self.mal_alpha = float(alpha), float(gamma), mal_alpha
-        self.weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in (weights or {}).items()}}
+        self.weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in weights.items()}}
         self.matcher = HungarianMatcher(**(matcher or {}))
         self.union_matching = bool(union_matching)
         self.reg_scale, self.up = float(reg_scale), float(up)

@@ -232,6 +232,8 @@ def test_bad_arguments_are_errors():
         SetCriterion(num_classes=3, class_loss="ce")
     with pytest.raises(ValueError, match="unknown term"):
         SetCriterion(num_classes=3, weights={"vfll": 1.0})
+    assert SetCriterion(num_classes=3, weights={"vfl": 0.5, "giou": 1.0}).weights == {
+        "class": 0.5, "bbox": 5.0, "giou": 1.0, "fgl": 0.15, "ddf": 1.5}
 
 
 @pytest.mark.parametrize("kind,criterion", [
