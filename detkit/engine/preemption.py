@@ -1,10 +1,13 @@
-"""SIGTERM during training: finish the iteration, save ``last.pth``, exit (preemption).
+"""SIGTERM during training: save ``last.pth`` at the next iteration boundary all ranks agree on, exit.
 
 torchrun forwards a SIGTERM it receives to every worker's process group and kills whatever still
 runs 30 s later; schedulers (Slurm, Kubernetes) do the same with their own grace period. While
 :class:`StopSignal` is active a SIGTERM only raises a flag. The trainer folds the flag into the loss
 all-reduce it does anyway, so every rank learns in the same iteration that some rank was signalled,
 and all of them save together at the end of that iteration and raise :class:`TrainingInterrupted`.
+A SIGTERM that arrives after an iteration's loss all-reduce (during backward or the optimizer
+step) is therefore seen one iteration later: the stop comes at the end of the *next* iteration.
+When that iteration is due an evaluation, the trainer saves and skips it (``--resume`` runs it).
 Further SIGTERMs change nothing: under Slurm a worker gets one from the scheduler and one from
 torchrun at about the same time, and it must still save.
 """
