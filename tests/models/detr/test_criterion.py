@@ -26,7 +26,7 @@ def make_targets(counts, seed=0):
                                  torch.rand(n, 2, generator=g) * 0.25 + 0.05], 1)} for n in counts]
 
 
-def layer_set(targets, num_queries, g, dfine, dn_positive=None):
+def layer_set(targets, num_queries, g, dfine, dn_positive=None, up=0.5, reg_scale=4.0):
     """{pred_logits, pred_boxes (+ D-FINE's pred_corners, ref_points)}: the first queries near the
     targets (or the denoising positives on them), the rest random."""
     batch = len(targets)
@@ -42,14 +42,14 @@ def layer_set(targets, num_queries, g, dfine, dn_positive=None):
     if dfine:
         out["pred_corners"] = torch.randn(batch, num_queries, 4 * (REG_MAX + 1), generator=g) * 2
         out["ref_points"] = (boxes + 0.05 * torch.randn(boxes.shape, generator=g)).clamp(0.02, 0.98)
-        out["up"], out["reg_scale"] = torch.tensor([0.5]), torch.tensor([4.0])
+        out["up"], out["reg_scale"] = torch.tensor([up]), torch.tensor([reg_scale])
     return out
 
 
-def make_outputs(targets, dfine=False, denoising=True, seed=1):
+def make_outputs(targets, dfine=False, denoising=True, seed=1, **constants):
     """A raw-output dict as the DETR heads assemble it (detr/outputs.py)."""
     g = torch.Generator().manual_seed(seed)
-    layers = [layer_set(targets, QUERIES, g, dfine) for _ in range(LAYERS)]
+    layers = [layer_set(targets, QUERIES, g, dfine, **constants) for _ in range(LAYERS)]
     if dfine:
         teacher = {"teacher_corners": layers[-1]["pred_corners"], "teacher_logits": layers[-1]["pred_logits"]}
         layers = [{**layer, **teacher} for layer in layers[:-1]] + [layers[-1]]
@@ -59,7 +59,7 @@ def make_outputs(targets, dfine=False, denoising=True, seed=1):
         max_n = max(t["labels"].shape[0] for t in targets)
         positive = [torch.cat([torch.arange(t["labels"].shape[0]) + 2 * max_n * grp for grp in range(GROUPS)])
                     for t in targets]
-        dn = [layer_set(targets, 2 * max_n * GROUPS, g, dfine, positive) for _ in range(LAYERS)]
+        dn = [layer_set(targets, 2 * max_n * GROUPS, g, dfine, positive, **constants) for _ in range(LAYERS)]
         if dfine:
             teacher = {"teacher_corners": dn[-1]["pred_corners"], "teacher_logits": dn[-1]["pred_logits"]}
             dn = [{**layer, **teacher} for layer in dn]
@@ -125,13 +125,14 @@ def test_grouped_keys_sum_the_per_layer_keys():
     assert torch.allclose(grouped["loss_giou_aux"], aux_sum)
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 6, 1], [5]])
-def test_dfine_losses_equal_transformers(counts):
+@pytest.mark.parametrize("counts,up,reg_scale", [([3, 0, 6, 1], 0.5, 4.0), ([5], 0.7, 2.5)])
+def test_dfine_losses_equal_transformers(counts, up, reg_scale):
+    """The second case's weighting-function constants come from the layer dicts only."""
     targets = make_targets(counts, seed=len(counts))
-    outputs = make_outputs(targets, dfine=True, seed=3)
+    outputs = make_outputs(targets, dfine=True, seed=3, up=up, reg_scale=reg_scale)
     criterion = SetCriterion(num_classes=NUM_CLASSES, per_layer_keys=True)
     ours = criterion(outputs, targets)
-    reference = DFineLoss(hf_config(DFineConfig))
+    reference = DFineLoss(hf_config(DFineConfig, up=up, reg_scale=reg_scale))
     theirs = reference(*to_transformers(outputs, targets))
     assert {"loss_fgl_aux_0", "loss_ddf_aux_1", "loss_fgl_dn_2", "loss_ddf_dn_0"} <= set(theirs)
     compare(ours, theirs)
