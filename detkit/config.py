@@ -215,9 +215,9 @@ def propagate_image_size(cfg: dict) -> dict:
     largest ``short_edge`` is S (a multi-scale list and ``max_size`` keep their ratios to it:
     800 / [640..800] / 1333 at S=512 -> 512 / [410..512] / 853). Applying it twice changes nothing."""
     data = cfg.get("data")
-    size = data.get("image_size") if isinstance(data, dict) else None
-    if size is None:
+    if not isinstance(data, dict) or data.get("image_size") is None:
         return cfg
+    size = data["image_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 32:
         raise ConfigError(f"data.image_size: expected a size in pixels >= 32, got {size!r}")
     splits = {k: v for k, v in data.items() if isinstance(v, dict) and ("pipeline" in v or "dataset" in v)}

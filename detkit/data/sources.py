@@ -22,6 +22,7 @@ wrappers such as ``Mosaic``) and unsets ``model.num_classes``, which
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -29,12 +30,16 @@ from pathlib import Path
 
 from ..config import load_config, load_yaml
 from ..errors import DatasetError, note_once
+from ..registry import DATASETS
+from .classes import DETECTOR_TYPES
 
 __all__ = ["DataSource", "find_data_source", "apply_data_source", "load_training_config"]
 
 TRAIN_SPLITS = ("train", "trainval")
 VAL_SPLITS = ("val", "valid", "validation", "test")
 _WRAPPERS = ("Mosaic",)   # dataset nodes that wrap one ``dataset`` and are kept around the new one
+# Options of the replaced dataset node that carry over to the new one where its type has them.
+_KEPT_OPTIONS = ("filter_empty", "instance_masks", "with_masks", "skip_bad_images", "keep_difficult")
 
 
 @dataclass
@@ -220,16 +225,24 @@ def apply_data_source(cfg: dict, data: str | Path) -> dict:
             splits[split] = {}
         holder, key = _innermost(splits[split])
         previous = holder.get(key)
-        old: dict = previous if isinstance(previous, dict) else {}
-        if old.get("filter_empty") is not None and node["type"] != "ConcatDataset":
-            node = dict(node, filter_empty=old["filter_empty"])
-        holder[key] = node
-    if isinstance(cfg.get("model"), dict) and "num_classes" in cfg["model"]:
-        cfg["model"]["num_classes"] = None
+        holder[key] = _with_kept_options(node, previous if isinstance(previous, dict) else {})
+    model = cfg.get("model")
+    if isinstance(model, dict) and model.get("type") in DETECTOR_TYPES:
+        model["num_classes"] = None
     if isinstance(cfg.get("evaluation"), dict):
         cfg["evaluation"].pop("ann_file", None)
     note_once(f"--data: {source.describe()}")
     return cfg
+
+
+def _with_kept_options(node: dict, old: dict) -> dict:
+    """``node`` with the options of the replaced dataset node that its type accepts too
+    (``filter_empty`` for training, Mask R-CNN's ``instance_masks``, ``skip_bad_images`` ...)."""
+    if node["type"] == "ConcatDataset":
+        return {**node, "datasets": [_with_kept_options(n, old) for n in node["datasets"]]}
+    accepted = inspect.signature(DATASETS.get(node["type"])).parameters
+    kept = {k: v for k, v in old.items() if k in _KEPT_OPTIONS and k in accepted}
+    return {**node, **kept}
 
 
 def _innermost(split: dict) -> tuple[dict, str]:
