@@ -116,3 +116,17 @@ def test_num_classes_null_in_a_config_file_is_taken_from_the_data(tmp_path):
     cfg["data"]["train"]["dataset"]["ann_file"] = "missing.json"
     with pytest.raises(ConfigError, match="num_classes is not set.*missing.json"):
         resolve_num_classes(cfg)
+
+
+def test_data_keeps_the_dataset_options_of_the_config(tmp_path):
+    """Mask R-CNN's ``instance_masks: true`` survives ``--data`` (else it trains without masks)."""
+    root = tmp_path / "coco"
+    for split in ("train", "val"):
+        _jpg(root / split / "0.jpg")
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    cfg = apply_data_source(load_config(REPO / "configs/mask_rcnn/mask_rcnn_r50_fpn_coco.yaml"), root)
+    train = cfg["data"]["train"]["dataset"]
+    assert train["instance_masks"] is True and train["ann_file"].endswith("instances_train.json")
+    assert resolve_num_classes(cfg)["model"]["num_classes"] == 1
