@@ -68,7 +68,7 @@ def _labels_png(cfg: dict, out: Path) -> Path:
     dataset = build_dataset(data["train"], root=data.get("root"), path="data.train")
     leaves = _leaves(dataset)
     records = [r for leaf in leaves for r in leaf.records]
-    if not records:
+    if not any(len(r.labels) for r in records):   # e.g. a semantic-segmentation dataset
         raise ValueError("data.train has no box annotations")
     boxes = np.concatenate([r.boxes.reshape(-1, 4) for r in records])
     labels = np.concatenate([r.labels.reshape(-1) for r in records])
