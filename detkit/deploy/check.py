@@ -170,3 +170,32 @@ def check_export(model: torch.nn.Module, path: Path, height: int, width: int, ba
     outputs = session(padded.numpy(), np.array([[height - cut, width - cut]] * batch))
     return problems + [f"padded input: {p}" for p in compare_detections(
         outputs, reference, max(height, width), box_tol, score_tol)]
+
+
+def kept_fraction(reference: list[tuple[np.ndarray, np.ndarray]],
+                  candidate: list[tuple[np.ndarray, np.ndarray]], iou_thr: float = 0.9) -> float:
+    """Share of the reference detections (per image ``(boxes Float[N,4], labels Int64[N])``) that
+    a candidate detection of the same label overlaps with IoU >= ``iou_thr`` (1.0 when none)."""
+    found = total = 0
+    for (ref_boxes, ref_labels), (boxes, labels) in zip(reference, candidate):
+        total += len(ref_boxes)
+        for box, label in zip(ref_boxes, ref_labels):
+            same = labels == label
+            if same.any() and _iou(boxes[same], box).max() >= iou_thr:
+                found += 1
+    return found / total if total else 1.0
+
+
+def compare_int8(fp32: Path, int8: Path, height: int, width: int, batch: int,
+                 score_thr: float = 0.3) -> float:
+    """:func:`kept_fraction` of the INT8 model's detections (``int8``: ``.onnx`` or OpenVINO
+    ``.xml``) against the FP32 export's on ``batch`` shapes images at ``height`` x ``width``."""
+    from .runtime import DeployedModel, default_backend
+
+    images = list(sample_images(batch, height, width, seed=5))
+    results = []
+    for path in (fp32, int8):
+        dets = DeployedModel(path, backend=default_backend(path))(images)
+        results.append([(d["boxes"][d["scores"] > score_thr].numpy(),
+                         d["labels"][d["scores"] > score_thr].numpy()) for d in dets])
+    return kept_fraction(results[0], results[1])

@@ -32,11 +32,15 @@ import numpy as np
 from ..errors import DetkitError
 
 __all__ = ["QuantizationError", "float_layers", "calibration_images", "CalibrationSet",
-           "quantize_onnx", "quantize_openvino", "QUANTIZED_OPS", "IMAGE_SUFFIXES"]
+           "quantize_onnx", "quantize_openvino", "quantize_export", "QUANTIZED_OPS",
+           "IMAGE_SUFFIXES"]
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 _STOP_OPS = {"TopK", "NonMaxSuppression"}
 _ROI_OPS = {"RoiAlign", "MaxRoiPool"}      # input 1 is the box list, not a feature map
+# OpenVINO op types NNCF may quantize that detkit keeps float (see quantize_openvino)
+_OV_FLOAT_TYPES = ("Add", "Multiply", "Subtract", "Divide", "Maximum", "Minimum", "Concat",
+                   "Interpolate", "AvgPool", "MaxPool", "ReduceMean", "NormalizeL2", "MVN")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -230,10 +234,53 @@ def quantize_openvino(src: str | os.PathLike, dst: str | os.PathLike, calibratio
     from .openvino_runtime import _read_without_defaults
 
     model = _read_without_defaults(ov.Core(), src)   # keeps image_sizes an input
+    batch = model.inputs[0].get_partial_shape()[0]
+    if batch.is_static and len(model.inputs) > 1:
+        # NNCF's statistics pass mis-infers the dynamic [?, 2] sizes next to a static batch
+        model.reshape({model.inputs[1].get_any_name(): [batch.get_length(), 2]})
     names = {op.get_friendly_name() for op in model.get_ops()}
-    ignored = nncf.IgnoredScope(names=[n for n in keep if n in names], validate=False)
+    # NNCF would also quantize element-wise ops; in the decode stage those compute box
+    # coordinates (cell index x stride + offset), which 8 bits destroy: only convolutions and
+    # matrix products are quantized, as on the ONNX Runtime side.
+    ignored = nncf.IgnoredScope(names=[n for n in keep if n in names], types=list(_OV_FLOAT_TYPES),
+                                validate=False)
     quantized = nncf.quantize(model, nncf.Dataset(calibration),
                               subset_size=min(subset_size, len(calibration.images)),
                               ignored_scope=ignored, preset=nncf.QuantizationPreset.PERFORMANCE)
     ov.save_model(quantized, str(dst))
     return keep
+
+
+def quantize_export(cfg: dict, fp32: str | os.PathLike, out: str | os.PathLike, *,
+                    backend: str = "onnxruntime", folder: str | os.PathLike | None = None,
+                    split: str | None = None, count: int = 300, skip: Sequence[str] = (),
+                    method: str = "minmax") -> dict:
+    """Quantize the FP32 export ``fp32`` into ``out`` (``.onnx`` for ONNX Runtime, ``.xml`` for
+    OpenVINO) and write ``<out>.json``: the FP32 metadata plus a ``quantization`` record.
+    Returns that metadata."""
+    import json
+
+    import onnxruntime as ort
+
+    if backend not in ("onnxruntime", "openvino"):
+        raise QuantizationError(f"--backend {backend!r}: use onnxruntime or openvino")
+    suffix = ".xml" if backend == "openvino" else ".onnx"
+    if not str(out).lower().endswith(suffix):
+        raise QuantizationError(f"--out {out}: an INT8 model for {backend} is a {suffix} file")
+    info = json.loads(Path(f"{fp32}.json").read_text(encoding="utf-8"))
+    session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    calibration = CalibrationSet(
+        cfg, calibration_images(cfg, folder=folder, split=split, count=count),
+        input_shape=session.get_inputs()[0].shape, input_names=[i.name for i in session.get_inputs()],
+        pixel_mean=info["input"].get("pixel_mean", [0.485, 0.456, 0.406]),
+        size_divisibility=int(info["input"].get("size_divisibility", 32)))
+    if backend == "openvino":
+        kept = quantize_openvino(fp32, out, calibration, skip=skip, subset_size=count)
+    else:
+        kept = quantize_onnx(fp32, out, calibration, skip=skip, method=method)
+    info["quantization"] = {"dtype": "int8", "backend": backend, "calibration_images":
+                            len(calibration.images), "source": str(folder or f"data.{split}"),
+                            "method": "nncf" if backend == "openvino" else method,
+                            "float_layers": kept}
+    Path(f"{out}.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
