@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import SIZES_DEFAULT, image_hw, unpadded_sizes
-from .postprocess import OUTPUT_NAMES, finalize, one_stage_candidates
+from .postprocess import OUTPUT_NAMES, detr_outputs, finalize, one_stage_candidates
 from .two_stage import mask_probabilities, roi_head_candidates, rpn_proposals
 
 __all__ = ["ExportError", "exportable", "export_onnx", "check_exportable", "SEG_OUTPUT_NAMES"]
@@ -105,6 +105,22 @@ class TwoStageExport(_Exportable):
         return (*outputs, mask_probabilities(m.mask_head, features, outputs[0], outputs[2], hw))
 
 
+class DETRExport(_Exportable):
+    """DETRDetector (RT-DETR, D-FINE): NMS-free; the attention samples with the gather form
+    (no ``GridSample``, which TensorRT mis-computes in such graphs), then the top-K sigmoid
+    scores over queries x classes, boxes clipped at each image's unpadded size."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.model.head.set_exportable(True)
+
+    def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> tuple[Tensor, ...]:
+        m = self.model
+        outputs = m.head(self.features(images))
+        return detr_outputs(outputs["pred_logits"], outputs["pred_boxes"], image_hw(images),
+                            unpadded_sizes(images, image_sizes), m.head.num_top_queries)
+
+
 class SegmentorExport(_Exportable):
     """Segmentor: per-pixel argmax of the upsampled logits, and the logits Float[B,C,H,W]
     themselves, which a runtime resizes to the original image before the argmax, as PyTorch."""
@@ -146,16 +162,17 @@ def check_exportable(model: nn.Module, opset: int) -> None:
 
 def exportable(model: nn.Module) -> _Exportable:
     """The family wrapper of a detkit model (used as is, so pass a copy in eval mode)."""
+    from ..models.detectors.detr import DETRDetector
     from ..models.detectors.one_stage import OneStageDetector
     from ..models.detectors.segmentor import Segmentor
     from ..models.detectors.two_stage import TwoStageDetector
 
     for cls, wrapper in ((OneStageDetector, OneStageExport), (TwoStageDetector, TwoStageExport),
-                         (Segmentor, SegmentorExport)):
+                         (Segmentor, SegmentorExport), (DETRDetector, DETRExport)):
         if isinstance(model, cls):
             return wrapper(model)
     raise ExportError(f"{type(model).__name__}: no exportable form (detkit exports "
-                      f"OneStageDetector, TwoStageDetector and Segmentor)")
+                      f"OneStageDetector, TwoStageDetector, DETRDetector and Segmentor)")
 
 
 def export_onnx(model: nn.Module, out: str | Path, height: int, width: int, *, batch: int = 1,

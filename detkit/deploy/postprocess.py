@@ -160,3 +160,22 @@ def one_stage_candidates(head: Any, outputs, sizes: Tensor) -> Candidates:
             return fn(head, outputs, sizes)
     raise TypeError(f"{type(head).__name__}: no exportable decoder (detkit.deploy.postprocess "
                     f"knows YOLOHead, YOLOv1Head and CenterNetHead)")
+
+
+def detr_outputs(logits: Tensor, boxes: Tensor, padded_hw: Tensor, sizes: Tensor, num_top: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """NMS-free DETR decoding as ``detkit.models.detr.outputs.topk_predictions``, batched:
+    logits Float[B,Q,C], boxes Float[B,Q,4] cxcywh normalised to the padded input (``padded_hw``
+    Int64[2]) -> the four outputs with K = min(num_top, Q*C) rows per image (all of them valid),
+    boxes xyxy pixels clipped at each image's unpadded size (``sizes`` Int64[B,2])."""
+    from ..models.detr.position import cxcywh_to_xyxy
+
+    num_classes = logits.shape[-1]
+    k = min(int(num_top), int(logits.shape[1]) * int(num_classes))   # Q and C are fixed in a graph
+    scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
+    query = torch.div(index, num_classes, rounding_mode="floor")
+    picked = boxes.gather(1, query[..., None].expand(-1, -1, 4))
+    hw = padded_hw.to(boxes.dtype)
+    xyxy = cxcywh_to_xyxy(picked) * torch.stack([hw[1], hw[0], hw[1], hw[0]])
+    count = torch.zeros_like(index[:, 0]) + k
+    return clip_boxes(xyxy, sizes), scores, index % num_classes, count
