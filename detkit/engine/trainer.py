@@ -322,7 +322,7 @@ class Trainer(TrainerState):
             return  # SIGTERM: train() saves now and stops; the evaluation runs on --resume
         final = it == self.max_iters or self._end_reason is not None
         eval_due = self._eval_due(final)
-        if it % self.ckpt_every == 0 or it == end or final:
+        if it % self.ckpt_every == 0 or it == end or final or eval_due:
             self.save(last=True, eval_due=eval_due)
         if eval_due:
             self._evaluate_and_save(final=final)
@@ -360,7 +360,7 @@ class Trainer(TrainerState):
             note = (f"the evaluation at iteration {self.iter} failed; the training is saved in "
                     f"{where}: fix the cause, then tools/eval.py CONFIG CHECKPOINT, or --resume")
             if isinstance(e, DetkitError):
-                raise EvaluationError(f"{e}\n{note}") from e
+                raise EvaluationError(f"{e}; {note}") from e
             self.logger.info(f"error: {note}")
             raise
         self.last_eval = results

@@ -4,6 +4,7 @@ a time budget, the model summary, one data.skip_bad_images for every split, lean
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -42,6 +43,25 @@ def test_the_checkpoint_is_written_before_an_evaluation_that_fails(shapes_root, 
     assert load_checkpoint(tmp_path / "last.pth")["iter"] == 3
     assert load_checkpoint(tmp_path / "final.pth")["iter"] == 3
     assert not (tmp_path / "best.pth").exists()
+
+
+def test_a_corrupt_val_image_costs_no_training_and_one_switch_skips_it(shapes_root, tmp_path):
+    # issue 29's lost run: train images fine, one val image corrupt, skip_bad_images on train only
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    (root / "val" / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cfg = _config(root, iters=2)
+    cfg["data"]["train"]["skip_bad_images"] = True
+    with pytest.raises(trainer_module.EvaluationError) as info:
+        train(cfg, tmp_path / "run")
+    assert "000003.png" in str(info.value) and "\n" not in str(info.value)
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["iter"] == 2
+    assert load_checkpoint(tmp_path / "run" / "final.pth")["iter"] == 2
+
+    del cfg["data"]["train"]["skip_bad_images"]
+    cfg["data"]["skip_bad_images"] = True                   # one switch for every split
+    train(cfg, tmp_path / "again")
+    assert [r["iter"] for r in read_metrics(tmp_path / "again", "val")] == [2]
 
 
 def _signal_during(trainer: Trainer, iteration: int) -> None:
