@@ -11,8 +11,14 @@ import torch
 from detkit.config import load_config
 from detkit.deploy.check import sample_images
 from detkit.deploy.export import export_onnx
-from detkit.deploy.quantize import (CalibrationSet, QuantizationError, calibration_images,
-                                    float_layers, quantize_onnx, quantize_openvino)
+from detkit.deploy.quantize import (
+    CalibrationSet,
+    QuantizationError,
+    calibration_images,
+    float_layers,
+    quantize_onnx,
+    quantize_openvino,
+)
 
 from .conftest import ROOT
 
@@ -77,7 +83,6 @@ def _kept_fraction(reference, candidate, iou_thr=0.9) -> float:
 
 
 def test_first_conv_and_prediction_layers_stay_float(confident_model, tmp_path):
-    cfg = load_config(ROOT / FAMILIES["centernet"])
     model = confident_model(FAMILIES["centernet"])
     export_onnx(model, tmp_path / "c.onnx", 128, 128)
     graph = onnx.load(str(tmp_path / "c.onnx"))
