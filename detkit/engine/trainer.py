@@ -3,6 +3,11 @@
 An *iteration* is one optimizer step; with ``accumulate: K`` it consumes K loader batches, so
 ``accumulate: 2`` at batch B is the same schedule as batch 2B. An epoch is
 ``len(loader) // K`` iterations. ``self.iter`` counts finished iterations (resume starts there).
+
+After an iteration: log; write ``last.pth`` when a checkpoint or an evaluation is due (before the
+evaluation, so neither its failure nor a kill during it costs the training); evaluate; write
+``best.pth`` / ``final.pth``. Training ends at ``max_iters``, at ``train.max_time`` or at an early
+stop, each the same way (last.pth, final evaluation, final.pth); a SIGTERM saves and leaves.
 """
 
 from __future__ import annotations
