@@ -109,8 +109,8 @@ def _out_indices(cfg: Mapping, override: Any) -> list[int]:
     if override is not None:
         return sorted(int(i) for i in override)
     indices = cfg.get("out_indices") or cfg.get("_out_indices")
-    if not indices and (cfg.get("out_features") or cfg.get("_out_features")):
-        names = cfg.get("out_features") or cfg.get("_out_features")
+    names = cfg.get("out_features") or cfg.get("_out_features") or []
+    if not indices and names:
         indices = [0 if n == "stem" else int(str(n).removeprefix("stage")) for n in names]
     return sorted(int(i) for i in indices) if indices else [int(cfg["num_hidden_layers"])]
 
