@@ -257,3 +257,29 @@ def test_dinov2_folder_loads_through_weights(tmp_path):
         _assert_close(vit(x), _dinov2_reference(model, x, [2], 1, 14))
     with pytest.raises(ValueError, match="blocks.0.ffn.fc1.weight"):   # a ViT of another shape
         ViT(**dict(node, mlp_ratio=2.0), weights=str(tmp_path))
+
+
+def test_masked_positions_match_dinov2_bool_masked_pos():
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56)
+    model = _perturb(transformers.Dinov2Model(cfg))
+    vit = _detkit_vit(model.state_dict(), cfg, use_mask_token=True)
+    x = _images(56, 70)
+    mask = torch.rand(2, 20, generator=torch.Generator().manual_seed(2)) < 0.4
+    with torch.no_grad():
+        hidden = model(x, bool_masked_pos=mask, output_hidden_states=True).hidden_states
+        ref = {"stage2": model.layernorm(hidden[2])[:, 1:].reshape(2, 4, 5, -1).permute(0, 3, 1, 2)}
+        _assert_close(vit(x, masked_positions=mask), ref)
+        assert (vit(x)["stage2"] - ref["stage2"]).abs().max() > 1e-3
+
+
+def test_converted_rfdetr_vit_trains_every_parameter_from_a_registry_config():
+    """Detection configs build no unused parameter (DDP runs with find_unused_parameters off):
+    no mask token, no block after the deepest output."""
+    from detkit.registry import BACKBONES
+
+    cfg, _ = _rfdetr_backbone(2)
+    vit = BACKBONES.build(dict(vit_backbone_config(cfg), drop_path_rate=0.1)).train()
+    out = vit(_images(56, 56))
+    sum(v.square().mean() for v in out.values()).backward()
+    unused = [n for n, p in vit.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert unused == []
