@@ -10,6 +10,9 @@
 
 A checkpoint written by ``tools/train.py`` holds its resolved config: CONFIG may be left out
 (``--set`` then overrides the stored config, e.g. ``data.root=`` where the data lives now).
+CHECKPOINT may also be an exported model (``.onnx``, INT8 ``.onnx``, OpenVINO ``.xml``; its
+metadata holds the config): the same loader, evaluator and report, run by ONNX Runtime or
+OpenVINO, so the accuracy of what is deployed is measured (``detkit.deploy.evaluate``).
 With a config, the model is evaluated on the config's ``data.val`` split with its ``evaluation``
 evaluator (every rank predicts its shard; the evaluator gathers). The report (COCO summary block,
 per-class table) is printed and the flat metrics dict is written as json (NaN as null) to
@@ -80,24 +83,24 @@ def evaluate_model(args) -> tuple[dict, str]:
     import torch
 
     from detkit.data.classes import resolve_num_classes
+    from detkit.deploy.runtime import is_exported
     from detkit.engine import inference_on_loader, inference_state_dict, load_checkpoint, load_model_weights
     from detkit.engine.dist import init_distributed
-    from detkit.engine.evaluate import build_val
     from detkit.models import build_model
     from detkit.models.convert import apply_converted_meta
 
     info = init_distributed()
+    if args.config is not None:   # the config's data problems first: no checkpoint needed to see them
+        cfg = resolve_num_classes(load_config(args.config, args.overrides), check=False)
+        built = _build_val(args, cfg)
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    if is_exported(args.checkpoint):
+        return _evaluate_exported(args, cfg if args.config is not None else None)
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = resolve_num_classes(_config_of(args, ckpt), check=False)
-    if args.pr_curves and cfg.get("evaluation", {}).get("type") in ("COCOEvaluator", "VOCEvaluator"):
-        cfg["evaluation"]["pr_curve_dir"] = args.pr_curves
-    if args.backend and cfg.get("evaluation", {}).get("type") == "COCOEvaluator":
-        cfg["evaluation"]["backend"] = args.backend
-    built = build_val(cfg)
-    if built is None:
-        raise ConfigError(f"{args.config}: needs data.val and evaluation sections to evaluate")
+    if args.config is None:
+        cfg = resolve_num_classes(_config_of(args, ckpt), check=False)
+        built = _build_val(args, cfg)
     _, loader, evaluator = built
     device = torch.device(args.device) if args.device else info.device
     model = build_model(cfg["model"]).to(device)
@@ -109,6 +112,39 @@ def evaluate_model(args) -> tuple[dict, str]:
         from detkit.evaluation import metrics_table
         report = metrics_table(metrics)
     return metrics, report
+
+
+def _build_val(args, cfg: dict):
+    from detkit.engine.evaluate import build_val
+
+    if args.pr_curves and cfg.get("evaluation", {}).get("type") in ("COCOEvaluator", "VOCEvaluator"):
+        cfg["evaluation"]["pr_curve_dir"] = args.pr_curves
+    if args.backend and cfg.get("evaluation", {}).get("type") == "COCOEvaluator":
+        cfg["evaluation"]["backend"] = args.backend
+    built = build_val(cfg)
+    if built is None:
+        raise ConfigError(f"{args.config or args.checkpoint}: needs data.val and evaluation sections "
+                          f"to evaluate")
+    return built
+
+
+def _evaluate_exported(args, cfg: dict | None) -> tuple[dict, str]:
+    """An exported .onnx / INT8 .onnx / OpenVINO .xml on the config's val split (the config from
+    CONFIG, else the one stored in its metadata at export)."""
+    from detkit.deploy.evaluate import evaluate_exported
+    from detkit.deploy.runtime import DeployedModel, default_backend
+    from detkit.evaluation import metrics_table
+
+    if cfg is None:
+        stored = DeployedModel(args.checkpoint, backend=default_backend(args.checkpoint)).stored_config()
+        if stored is None:
+            raise ConfigError(f"{args.checkpoint}: its metadata holds no config; give CONFIG")
+        from detkit.config import apply_overrides
+        from detkit.data.classes import resolve_num_classes
+        cfg = resolve_num_classes(apply_overrides(stored, args.overrides), check=False)
+    _build_val(args, cfg)          # the same checks and evaluator options as for a checkpoint
+    metrics = evaluate_exported(cfg, args.checkpoint, threads=None)
+    return metrics, metrics_table(metrics)
 
 
 def _config_of(args, ckpt: dict) -> dict:
