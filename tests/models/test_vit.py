@@ -283,3 +283,22 @@ def test_converted_rfdetr_vit_trains_every_parameter_from_a_registry_config():
     sum(v.square().mean() for v in out.values()).backward()
     unused = [n for n, p in vit.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert unused == []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_windowed_antialiased_vit_exports_to_onnx(tmp_path):
+    """ONNX has no antialiased bicubic: the export resamples with constant matrices, exact for the
+    traced size (ONNX Runtime against PyTorch at a size other than the pretraining one)."""
+    ort = pytest.importorskip("onnxruntime")
+    cfg, model = _rfdetr_backbone(2)
+    vit = _detkit_vit(model.state_dict(), cfg)
+    x = _images(84, 84)
+    path = tmp_path / "vit.onnx"
+    with pytest.warns(torch.jit.TracerWarning):
+        torch.onnx.export(vit, (x,), str(path), input_names=["images"], opset_version=17, dynamo=False)
+    outputs = ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = vit(x)
+    assert len(outputs) == 3
+    for out, ref in zip(outputs, expected.values()):
+        assert abs(torch.from_numpy(out) - ref).max() < 1e-4

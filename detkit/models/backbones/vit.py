@@ -25,6 +25,10 @@ true partition at every size. So detkit equals RF-DETR on square grids and stays
 windowed ViT on the others. A grid that s does not divide is a :class:`WindowGridError` naming
 valid sizes (``size_divisibility`` = p * s is the padding a detector needs).
 
+Export: the TorchScript-based ONNX exporter gives a graph for the traced input size (the patch
+grid and windows are Python sizes); antialiased position embeddings are resampled there with two
+constant matrices, since ONNX (opset <= 17) has no antialiased bicubic.
+
 Outputs: ``stage{i}`` (the tokens after ``i`` blocks; 0 = the embeddings), each
 Float[B, D, gh, gw], stride p.
 """
@@ -61,12 +65,32 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], *, antialias
     skipped only at the pretraining grid outside tracing, so exported graphs follow the input.
     """
     side = math.isqrt(pos_embed.shape[1])
-    if tuple(grid) == (side, side) and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if tuple(grid) == (side, side) and not exporting:
         return pos_embed
     dim = pos_embed.shape[-1]
     square = pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
+    if antialias and exporting:
+        # ONNX (opset <= 17) has no antialiased bicubic: the same resampling as two constant
+        # matrices, exact for the traced size (such graphs are static in the input size)
+        rows, cols = _resize_matrix(side, grid[0]), _resize_matrix(side, grid[1])
+        resized = torch.einsum("hi,bcij,wj->bchw", rows, square, cols)
+    else:
+        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
     return resized.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
+
+
+def _resize_matrix(src: int, dst: int) -> Tensor:
+    """Float[dst, src]: antialiased bicubic resampling of a length-``src`` signal, as a constant.
+
+    Bicubic resampling is linear and separable, so resizing the unit vectors gives its matrix;
+    going through a Python list keeps the computation out of a traced graph.
+    """
+    with torch.no_grad():
+        # two identical columns: torch's antialiased kernel degenerates on a width-1 input
+        units = torch.eye(src).reshape(src, 1, src, 1).expand(src, 1, src, 2)
+        columns = F.interpolate(units, size=(dst, 2), mode="bicubic", align_corners=False, antialias=True)
+    return torch.tensor(columns[..., 0].reshape(src, dst).t().tolist())
 
 
 def window_partition(tokens: Tensor, grid: tuple[int, int], windows_per_side: int) -> Tensor:
