@@ -195,3 +195,22 @@ def test_projector_rejects_bad_arguments():
         RFDETRProjector(input_shapes={**shapes, "stage3": ShapeSpec(32, 28)})
     with pytest.raises(ValueError, match="stage9"):
         RFDETRProjector(input_shapes=shapes, in_features=["stage9"])
+
+
+def test_original_rfdetr_repository_layout_converts_like_transformers():
+    """backbone.0.encoder.encoder.* (split attention names) and backbone.0.projector.stages.*"""
+    config = _rfdetr_config()
+    encoder = _perturb(modeling_rf_detr.RfDetrConvEncoder(config)).state_dict()
+    ours = convert_vit_parts({f"backbone.{k}": v for k, v in encoder.items()}, config)
+    original = {}
+    for k, v in _legacy_rfdetr_names(encoder).items():
+        if k.startswith("projector."):
+            original[f"backbone.0.{k}"] = v
+        else:
+            k = (k.replace("attention.q_proj", "attention.attention.query")
+                 .replace("attention.k_proj", "attention.attention.key")
+                 .replace("attention.v_proj", "attention.attention.value")
+                 .replace("attention.o_proj", "attention.output.dense"))
+            original[f"backbone.0.encoder.encoder.{k.removeprefix('backbone.')}"] = v
+    converted = convert_vit_parts(original, config)
+    assert converted.keys() == ours.keys() and all(torch.equal(converted[k], ours[k]) for k in ours)

@@ -61,19 +61,6 @@ _DEFAULT_BACKBONES = {
 }
 _DETR_DEFAULTS = {"d_model": 256, "hidden_expansion": 0.5, "c2f_num_blocks": 3, "activation_function": "silu",
                   "layer_norm_eps": 1e-5, "batch_norm_eps": 1e-5, "projector_scale_factors": []}
-_NOT_BUILT = object()
-
-
-def _get(config: Any, name: str, default: Any = _NOT_BUILT) -> Any:
-    """``config.name`` for a config object, ``config[name]`` for a mapping; ``default`` if absent."""
-    value = config.get(name, _NOT_BUILT) if isinstance(config, Mapping) else getattr(config, name, _NOT_BUILT)
-    if value is _NOT_BUILT:
-        if default is _NOT_BUILT:
-            raise ConversionError(f"config has no '{name}' (and transformers has no default for it)")
-        return default
-    return value
-
-
 def _as_mapping(config: Any) -> dict:
     if isinstance(config, Mapping):
         return dict(config)
@@ -177,6 +164,11 @@ def projector_config(config: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------------- key rules
+# where a part sits in the state dicts converted: transformers' RF-/LW-DETR (ForObjectDetection /
+# Model), the original RF-DETR repository, an image-classification model, a bare backbone
+_VIT_SOURCES = ("model.backbone.backbone.", "backbone.backbone.", "backbone.0.encoder.encoder.", "dinov2.",
+                "dinov2_with_registers.", "")
+_PROJECTOR_SOURCES = ("model.backbone.", "backbone.0.", "backbone.", "")
 _BLOCK_RULES = [(re.compile(p), r) for p, r in [
     (r"^(norm1|layernorm_before)\.", "norm1."), (r"^(norm2|layernorm_after)\.", "norm2."),
     (r"^attention\.(q|k|v|o)_proj\.", r"attn.\1_proj."),
@@ -244,12 +236,12 @@ def _expected_keys(node: dict) -> set[str]:
         return set(registry.get(node["type"])(**kwargs).state_dict())
 
 
-def _finish(out: dict[str, Tensor], unknown: list[str], node: dict, prefix: str, what: str,
-            expected: set[str] | None = None) -> dict[str, Tensor]:
+def _finish(out: dict[str, Tensor], unknown: list[str], node: dict, prefix: str,
+            what: str) -> dict[str, Tensor]:
     if unknown:
         raise ConversionError(f"{what}: {len(unknown)} source key(s) no rule converts: "
                               f"{', '.join(unknown[:8])}")
-    expected = _expected_keys(node) if expected is None else expected
+    expected = _expected_keys(node)
     missing = sorted(expected - set(out))
     extra = sorted(set(out) - expected)
     if missing or extra:
@@ -272,8 +264,7 @@ def convert_vit(state: Mapping[str, Tensor], config: Any, *, prefix: str = "back
     or classification model) -> detkit ``ViT`` keys under ``prefix``. ``target`` overrides fields
     of the ViT node the config gives (``depth``, ``use_mask_token``, ``final_norm`` ...)."""
     node = dict(vit_backbone_config(config), **(target or {}))
-    src = _source_prefix(state, ("model.backbone.backbone.", "backbone.backbone.", "dinov2.",
-                                 "dinov2_with_registers.", ""), "embeddings.", "ViT")
+    src = _source_prefix(state, _VIT_SOURCES, "embeddings.", "ViT")
     out: dict[str, Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -331,7 +322,7 @@ def convert_projector(state: Mapping[str, Tensor], config: Any, *,
     """The projector tensors of an RF-/LW-DETR state dict -> detkit ``RFDETRProjector`` keys under
     ``prefix``."""
     node = projector_config(config)
-    src = _source_prefix(state, ("model.backbone.", "backbone.", ""), "projector.", "projector")
+    src = _source_prefix(state, _PROJECTOR_SOURCES, "projector.", "projector")
     src += "projector."
     out: dict[str, Tensor] = {}
     unknown = []
