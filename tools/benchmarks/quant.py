@@ -41,6 +41,7 @@ LATENCY_MODELS = {
 ACCURACY_MODELS = {
     "centernet": "configs/centernet/centernet_r18_shapes.yaml",
     "yolov3": "configs/yolo/yolov3_tiny_shapes.yaml",
+    "yolov1": "configs/yolov1/yolov1_d53tiny_shapes.yaml",
     "faster_rcnn": "configs/faster_rcnn/faster_rcnn_r18_fpn_shapes.yaml",
     "segmentor": "configs/segmentation/seg_r18_shapes.yaml",
 }
