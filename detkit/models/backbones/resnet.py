@@ -10,6 +10,10 @@ dropped), so a torchvision ImageNet state dict loads by key. Outputs, for input 
 
 Spatial size of cK is ceil(H / stride) (after dilation, the stride of c4/c5 can be 16 or 8).
 Stages after the deepest requested output are removed.
+
+``variant: vd`` builds ResNet-vd, RT-DETR's backbone (deep 3-conv stem ``stem.0..2`` instead of
+``conv1``/``bn1``, avg-pool shortcut downsampling; see ``_resnet_vd.py``), optionally with other
+widths and block counts (``stem_channels``, ``stage_channels``, ``stage_blocks``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from ..layers.frozen_bn import FrozenBatchNorm2d
 from ..pretrained import download_torchvision_weights, read_backbone_weights
 from ..utils import load_state_dict_checked
 from ._frozen import FrozenStagesBackbone
+from ._resnet_vd import VD_STAGE_BLOCKS, vd_stage, vd_stem
 
 __all__ = ["ResNet"]
 
 _DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
 _STAGES = ("c2", "c3", "c4", "c5")
 _NORMS = {"BN": nn.BatchNorm2d, "SyncBN": nn.SyncBatchNorm, "FrozenBN": FrozenBatchNorm2d}
+_VARIANTS = ("torchvision", "vd")
 
 
 def _dilate_stage(layer: nn.Sequential, previous: int, dilation: int) -> None:
@@ -51,7 +57,10 @@ def _dilate_stage(layer: nn.Sequential, previous: int, dilation: int) -> None:
             d = previous if (i == 0 and strided) else dilation
             conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
         if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
+            if isinstance(block.downsample[0], nn.AvgPool2d):   # ResNet-vd: the pool downsamples
+                block.downsample[0] = nn.Identity()
+            else:
+                block.downsample[0].stride = (1, 1)
         block.stride = 1
 
 
@@ -76,13 +85,23 @@ class ResNet(FrozenStagesBackbone):
         weights: None, a torchvision weights name (``IMAGENET1K_V1``/``IMAGENET1K_V2``, downloaded
             by torchvision) or a local file (a state dict, or a dict with ``model``/``state_dict``).
         zero_init_residual: zero the last norm of each residual block (torchvision's option).
+        variant: ``torchvision`` (the ResNet-B of torchvision) or ``vd`` (ResNet-vd, RT-DETR).
+        stem_channels, stage_channels, stage_blocks: ``vd`` only: the stem width (64), the four
+            stages' output channels (64/128/256/512, x4 for bottleneck depths) and blocks per
+            stage (the depth's); the block type stays the depth's (basic for 18/34).
     """
 
     def __init__(self, *, depth: int = 50, out_features: Sequence[str] = ("c2", "c3", "c4", "c5"),
                  norm: str = "BN", frozen_stages: int = -1, dilation: dict | None = None,
                  output_stride: int | None = None, dcn_stages: Sequence[str] = (),
-                 dcn_version: int = 1, weights: str | None = None, zero_init_residual: bool = False):
+                 dcn_version: int = 1, weights: str | None = None, zero_init_residual: bool = False,
+                 variant: str = "torchvision", stem_channels: int | None = None,
+                 stage_channels: Sequence[int] | None = None, stage_blocks: Sequence[int] | None = None):
         super().__init__()
+        if variant not in _VARIANTS:
+            raise ValueError(f"ResNet: variant must be one of {list(_VARIANTS)}, got '{variant}'")
+        if variant != "vd" and (stem_channels, stage_channels, stage_blocks) != (None, None, None):
+            raise ValueError("ResNet: stem_channels, stage_channels and stage_blocks need variant: vd")
         if depth not in _DEPTHS:
             raise ValueError(f"ResNet: depth must be one of {sorted(_DEPTHS)}, got {depth}")
         if norm not in _NORMS:
@@ -95,18 +114,13 @@ class ResNet(FrozenStagesBackbone):
         if not -1 <= int(frozen_stages) <= 4:
             raise ValueError(f"ResNet: frozen_stages must be in -1..4, got {frozen_stages}")
         self.depth, self.norm, self.frozen_stages = depth, norm, int(frozen_stages)
+        self.variant = variant
         self.out_features = sorted(out_features, key=_STAGES.index)
-
-        net = getattr(torchvision.models, _DEPTHS[depth])(
-            weights=None, norm_layer=_NORMS[norm], zero_init_residual=zero_init_residual)
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        last = _STAGES.index(self.out_features[-1]) + 1
-        for i in range(1, last + 1):
-            setattr(self, f"layer{i}", getattr(net, f"layer{i}"))
-        self.num_stages = last
-        block = net.layer1[0]
-        expansion = 4 if isinstance(block, Bottleneck) else 1
-        self._channels = {f"c{i + 2}": 64 * 2 ** i * expansion for i in range(4)}
+        self.num_stages = _STAGES.index(self.out_features[-1]) + 1
+        if variant == "vd":
+            self._build_vd(stem_channels, stage_channels, stage_blocks, zero_init_residual)
+        else:
+            self._build_torchvision(zero_init_residual)
 
         self._strides = self._apply_dilation(_resolve_dilation(dilation, output_stride))
         self._apply_dcn(list(dcn_stages), int(dcn_version))
@@ -119,6 +133,42 @@ class ResNet(FrozenStagesBackbone):
         self.freeze()
 
     # ----------------------------------------------------------------------------- construction
+    def _build_torchvision(self, zero_init_residual: bool) -> None:
+        net = getattr(torchvision.models, _DEPTHS[self.depth])(
+            weights=None, norm_layer=_NORMS[self.norm], zero_init_residual=zero_init_residual)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        for i in range(1, self.num_stages + 1):
+            setattr(self, f"layer{i}", getattr(net, f"layer{i}"))
+        expansion = 4 if isinstance(net.layer1[0], Bottleneck) else 1
+        self._channels = {f"c{i + 2}": 64 * 2 ** i * expansion for i in range(4)}
+
+    def _build_vd(self, stem_channels: int | None, stage_channels: Sequence[int] | None,
+                  stage_blocks: Sequence[int] | None, zero_init_residual: bool) -> None:
+        bottleneck = self.depth >= 50
+        stem = int(stem_channels or 64)
+        default_channels = [64 * 2 ** i * (4 if bottleneck else 1) for i in range(4)]
+        channels = [int(c) for c in stage_channels or default_channels]
+        blocks = [int(b) for b in stage_blocks or VD_STAGE_BLOCKS[self.depth]]
+        if len(channels) != 4 or len(blocks) != 4 or min(blocks) < 1:
+            raise ValueError(f"ResNet: stage_channels and stage_blocks need 4 entries (blocks >= 1), "
+                             f"got {channels} and {blocks}")
+        self.stem = vd_stem(stem, self.norm)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        previous = stem
+        for i in range(self.num_stages):
+            setattr(self, f"layer{i + 1}", vd_stage(
+                bottleneck=bottleneck, in_channels=previous, out_channels=channels[i],
+                num_blocks=blocks[i], stride=1 if i == 0 else 2, norm_layer=_NORMS[self.norm]))
+            previous = channels[i]
+        self._channels = {f"c{i + 2}": channels[i] for i in range(4)}
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif zero_init_residual and isinstance(m, (Bottleneck, BasicBlock)):
+                last_bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+                if isinstance(last_bn, nn.BatchNorm2d):
+                    nn.init.zeros_(last_bn.weight)
+
     def _apply_dilation(self, dilation: dict[str, int]) -> dict[str, int]:
         strides, stride, previous = {}, 4, 1
         for i, name in enumerate(_STAGES):
@@ -146,7 +196,8 @@ class ResNet(FrozenStagesBackbone):
         if self.frozen_stages < 0:
             return []
         stages = [getattr(self, f"layer{i}") for i in range(1, min(self.frozen_stages, self.num_stages) + 1)]
-        return [self.conv1, self.bn1] + stages
+        stem = [self.stem] if self.variant == "vd" else [self.conv1, self.bn1]
+        return stem + stages
 
     # ---------------------------------------------------------------------------------- weights
     def load_weights(self, weights: str) -> None:
@@ -154,6 +205,9 @@ class ResNet(FrozenStagesBackbone):
         if os.path.sep in weights or os.path.exists(weights) or weights.endswith((".pth", ".pt")):
             source = weights   # a state dict, a checkpoint, or a tools/pretrain.py checkpoint
             state = read_backbone_weights(weights, "ResNet")
+        elif self.variant == "vd":
+            raise ValueError(f"ResNet: variant vd has no torchvision weights ('{weights}'); give a "
+                             f"local state-dict file (e.g. converted from transformers)")
         else:
             source = f"torchvision ResNet{self.depth}_Weights.{weights}"
             try:
@@ -182,7 +236,10 @@ class ResNet(FrozenStagesBackbone):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Float[B,3,H,W] (normalised) -> {cK: Float[B,C_K,ceil(H/s_K),ceil(W/s_K)]}."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.variant == "vd":
+            x = self.maxpool(self.stem(x))
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         outputs = {}
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
