@@ -127,7 +127,8 @@ def test_custom_architecture_and_converter_errors():
     with pytest.raises(ConversionError, match=r"missing.*stages\.2\.blocks\.1\.excite\.conv\.weight"):
         hf_backbones.convert_backbone({k: v for k, v in state.items() if k != gone}, config)
     with pytest.raises(ConversionError, match="stem_strides"):
-        hf_backbones.backbone_config(DFineConfig(backbone_config=hf_config("B0", True, stem_strides=[2, 2, 1, 2, 1])))
+        bad = hf_config("B0", True, stem_strides=[2, 2, 1, 2, 1])
+        hf_backbones.backbone_config(DFineConfig(backbone_config=bad))
 
 
 def test_frozen_stages_and_argument_errors():
