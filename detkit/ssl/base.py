@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..models.detectors.base import IMAGENET_MEAN, IMAGENET_STD
 from ..registry import BACKBONES, ConfigError, Registry, construct
+from .heads import pooled_features
 
 __all__ = ["SSL_METHODS", "SSLMethod", "build_method"]
 
@@ -101,9 +102,9 @@ class SSLMethod(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """Pooled features of the exported backbone: Float[B,3,H,W] in [0,1] -> Float[B,C]."""
-        out = self.exported_backbone()(self._normalise(images))
-        return out[list(out)[-1]].mean(dim=(2, 3))
+        """Pooled features of the exported backbone (:func:`~detkit.ssl.heads.pooled_features`:
+        the ViT's CLS token, a CNN's global average): Float[B,3,H,W] in [0,1] -> Float[B,C]."""
+        return pooled_features(self.exported_backbone(), self._normalise(images))
 
     def checkpoint_meta(self) -> dict:
         return {"method": type(self).__name__, "backbone_type": self.backbone_type,

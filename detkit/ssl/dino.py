@@ -8,6 +8,12 @@ different student view) pair is one term. The centre is an EMA of the teacher's 
 the views of one resolution are encoded in one pass (3 backbone passes per step: student globals,
 student locals, teacher globals; BatchNorm statistics over all views of a size).
 
+ViT backbones (detkit's ``ViT``): the pooled representation is the CLS token after the last block
+and the final norm (the ``final_tokens`` hook, :func:`~detkit.ssl.heads.pooled_features`), as in
+DINO / DINOv2; the position embeddings are interpolated to each view's patch grid, so global and
+local views of different sizes go through one ViT. View sizes must be multiples of the patch (times
+the windows per side when windowed). DINOv2's iBOT masked-patch loss is not implemented.
+
 Paper defaults kept: head 3-layer MLP (2048 hidden) -> 256 bottleneck -> L2 norm ->
 weight-normalised linear with g fixed to 1; student temperature 0.1, teacher 0.04 (optional
 linear warm-up from ``warmup_teacher_temp`` over ``warmup_fraction`` of the run), centre
@@ -80,7 +86,17 @@ class DINO(SSLMethod):
         t = min(float(self.progress) / self.warmup_fraction, 1.0)
         return start + t * (self.teacher_temp - start)
 
+    def check_view_sizes(self, views: list[Tensor]) -> None:
+        """A ViT cuts views into patches (and windows): sizes it does not divide would silently lose
+        pixels, so they are an error naming the multiple (``size_divisibility``: patch x windows)."""
+        unit = int(getattr(self.student.backbone, "size_divisibility", 1) or 1)
+        bad = sorted({tuple(v.shape[-2:]) for v in views if v.shape[-2] % unit or v.shape[-1] % unit})
+        if bad:
+            raise ValueError(f"DINO: views of size {bad} do not fit the {self.backbone_type} backbone; "
+                             f"make every view group's size a multiple of {unit} (patch x windows per side)")
+
     def compute(self, global_views: list[Tensor], local_views: list[Tensor]) -> dict[str, Tensor]:
+        self.check_view_sizes(global_views + local_views)
         student = (encode_by_resolution(self.student, global_views)
                    + encode_by_resolution(self.student, local_views))
         with torch.no_grad():

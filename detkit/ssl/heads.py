@@ -12,7 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "DINOHead", "Encoder", "make_momentum_copy", "momentum_update", "cosine_schedule"]
+__all__ = ["MLP", "DINOHead", "Encoder", "pooled_features", "make_momentum_copy", "momentum_update",
+           "cosine_schedule"]
+
+
+def pooled_features(backbone: nn.Module, x: Tensor) -> Tensor:
+    """A backbone's image representation, Float[B,3,H,W] -> Float[B,C].
+
+    The hook: a backbone with a ``final_tokens(x) -> (Float[B,C] pooled, Float[B,N,C] patches)``
+    method is pooled by it (detkit's ViT: the CLS token after the last block and the final norm,
+    as DINO / DINOv2 pre-train ViTs); any other backbone by the global average of its last output
+    (the CNNs' ``c5``).
+    """
+    final_tokens = getattr(backbone, "final_tokens", None)
+    if callable(final_tokens):
+        return final_tokens(x)[0]
+    out = backbone(x)
+    last = out[list(out)[-1]] if isinstance(out, dict) else out
+    return last.mean(dim=(2, 3))
 
 
 class MLP(nn.Sequential):
@@ -72,7 +89,8 @@ class DINOHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    """backbone -> global average pool of its last output -> head; Float[B,3,H,W] -> Float[B,D].
+    """backbone -> pooled (:func:`pooled_features`: CLS token or global average) -> head;
+    Float[B,3,H,W] -> Float[B,D].
 
     ``features(x)`` returns the pooled backbone output Float[B,C] (what k-NN / linear probes use).
     """
@@ -82,9 +100,7 @@ class Encoder(nn.Module):
         self.backbone, self.head = backbone, head
 
     def features(self, x: Tensor) -> Tensor:
-        out = self.backbone(x)
-        last = out[list(out)[-1]] if isinstance(out, dict) else out
-        return last.mean(dim=(2, 3))
+        return pooled_features(self.backbone, x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

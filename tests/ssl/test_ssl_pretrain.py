@@ -84,7 +84,7 @@ def test_every_pretrain_config_builds(path):
     cfg = load_config(path)
     train_settings(cfg)
     method = build_method(cfg["model"])
-    assert method.backbone_type in ("ResNet", "Darknet53")
+    assert method.backbone_type in ("ResNet", "Darknet53", "ViT")
     views = build_views(cfg["data"]["train"]["dataset"]["views"])
     assert views.num_global >= 2
     build_optimizer(method, cfg["train"]["optimizer"])            # LARS for SimCLR / BYOL

@@ -351,6 +351,22 @@ class ViT(nn.Module):
             tokens = torch.cat([shared, tokens], 1)
         return tokens, grid
 
+    def final_tokens(self, x: Tensor, masked_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Float[B,3,H,W] -> (Float[B,D] CLS, Float[B, gh*gw, D] patches) after every block and the
+        final norm: the representation DINO / iBOT pre-training uses (``detkit.ssl``, its hook).
+        With windows, the CLS copies of an image's windows are averaged."""
+        if self.cls_token is None:
+            raise ValueError("ViT: final_tokens needs cls_token=True (the pooled representation is CLS)")
+        tokens, grid = self.embed(x, masked_positions)
+        num_windows = self.windows_per_side ** 2
+        for block in self.blocks:
+            tokens = block(tokens, num_windows)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
+        cls = tokens[:, 0].reshape(-1, num_windows, self.embed_dim).mean(1)
+        patches = window_merge(tokens[:, self.num_prefix:], grid, self.windows_per_side)
+        return cls, patches.flatten(2).transpose(1, 2)
+
     def forward(self, x: Tensor, masked_positions: Tensor | None = None) -> dict[str, Tensor]:
         """Float[B,3,H,W] (normalised) -> {stage{i}: Float[B, D, H // p, W // p]}."""
         tokens, grid = self.embed(x, masked_positions)
