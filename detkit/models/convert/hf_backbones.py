@@ -138,6 +138,9 @@ def encoder_config(config: Any) -> dict:
         if _field(config, name) not in _ACTIVATIONS:
             raise ConversionError(f"config.json: {name} = {_field(config, name)!r} is not one of "
                                   f"{_ACTIVATIONS}")
+    # transformers' pre-norm layer adds the *normalised* input back after the FFN; detkit (and the
+    # reference RT-DETR code) add the un-normalised one, so only post-norm converts exactly
+    _require(bool(_field(config, "normalize_before")), False, "normalize_before")
     if d_fine:   # transformers' D-FINE hard-codes SiLU in its RepNCSPELAN4 convs
         _require(_field(config, "activation_function"), "silu", "activation_function")
     # eval_size is left out: detkit computes the position embedding of the actual size (what the
@@ -269,7 +272,8 @@ def _encoder_key(key: str, d_fine: bool) -> str | None:
 
 # ----------------------------------------------------------------------------- strict convert
 def _strict_rename(state: Mapping[str, Tensor], sources: list[str], rename: Callable[[str], str | None],
-                   expected: dict[str, Tensor], part: str, detkit_prefix: str) -> dict[str, Tensor]:
+                   expected: dict[str, Tensor], part: str, source_prefix: str,
+                   detkit_prefix: str) -> dict[str, Tensor]:
     """Rename ``sources`` and check the result against ``expected`` (detkit's own state dict)."""
     out: dict[str, Tensor] = {}
     leftover, mismatched = [], []
@@ -278,12 +282,12 @@ def _strict_rename(state: Mapping[str, Tensor], sources: list[str], rename: Call
         if target is None or target not in expected:
             # a BN step counter has no detkit counterpart when detkit's norm is FrozenBN
             if not (key.endswith(".num_batches_tracked") and target is not None):
-                leftover.append(key)
+                leftover.append(source_prefix + key)
             continue
         if target in out:
             raise ConversionError(f"{part}: two transformers keys map to detkit key {target!r}")
         if tuple(state[key].shape) != tuple(expected[target].shape):
-            mismatched.append(f"{key}: {tuple(state[key].shape)} vs detkit {target} "
+            mismatched.append(f"{source_prefix}{key}: {tuple(state[key].shape)} vs detkit {target} "
                               f"{tuple(expected[target].shape)}")
         out[target] = state[key]
     for key in expected:   # frozen-BN checkpoints carry no step counters
@@ -323,7 +327,7 @@ def convert_backbone(state: Mapping[str, Tensor], config: Any) -> dict[str, Tens
     unused = tuple(f"encoder.stages.{i}." for i in range(backbone.num_stages, 4))
     sources = [k for k in sources if not k.startswith(unused)]
     relative = {k: state[BACKBONE_PREFIX + k] for k in sources}
-    return _strict_rename(relative, sources, rename, expected, "backbone", "backbone.")
+    return _strict_rename(relative, sources, rename, expected, "backbone", BACKBONE_PREFIX, "backbone.")
 
 
 def convert_encoder(state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
@@ -334,7 +338,7 @@ def convert_encoder(state: Mapping[str, Tensor], config: Any) -> dict[str, Tenso
     d_fine = _field(config, "model_type") == "d_fine"
     relative = {k[len("model."):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
     return _strict_rename(relative, list(relative), lambda k: _encoder_key(k, d_fine), expected,
-                          "encoder", "neck.")
+                          "encoder", "model.", "neck.")
 
 
 def convert_backbone_and_encoder(state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
