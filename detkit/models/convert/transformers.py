@@ -168,14 +168,15 @@ def test_pipeline(preprocessor: dict | None) -> tuple[list[dict], list[float], l
 def detkit_config(config: HFConfig, preprocessor: dict | None = None) -> dict:
     """The detkit config (``model``, ``data.val.pipeline`` — the pipeline ``Predictor`` applies —
     and ``data.class_names``) equivalent to a transformers one."""
-    from . import hf_backbones, hf_detr
+    from .hf_backbones import backbone_config, encoder_config
+    from .hf_detr import head_config
 
     pipeline, mean, std = test_pipeline(preprocessor)
     model = {"type": "DETRDetector", "num_classes": len(config.id2label),
              "pixel_mean": mean, "pixel_std": std, "size_divisibility": 32,
-             "backbone": hf_backbones.backbone_config(config),
-             "neck": hf_backbones.encoder_config(config),
-             "head": hf_detr.head_config(config)}
+             "backbone": backbone_config(config),
+             "neck": encoder_config(config),
+             "head": head_config(config)}
     return {"model": model, "data": {"class_names": class_names(config),
                                       "val": {"pipeline": pipeline}}}
 
@@ -191,11 +192,12 @@ def class_names(config: HFConfig) -> list[str]:
 def convert_state_dict(state: dict[str, Tensor], config: HFConfig) -> dict[str, Tensor]:
     """The detkit state dict of a transformers ``...ForObjectDetection`` state dict (strict: a
     key left over or missing is a ConversionError naming it)."""
-    from . import hf_backbones, hf_detr
+    from .hf_backbones import convert_backbone_and_encoder
+    from .hf_detr import convert_head
 
     try:
-        out = dict(hf_backbones.convert_backbone_and_encoder(state, config))
-        out.update(hf_detr.convert_head(state, config))
+        out = dict(convert_backbone_and_encoder(state, config))
+        out.update(convert_head(state, config))
     except (KeyError, ValueError) as e:
         raise ConversionError(f"model weights do not match config.json: {e}") from None
     return out
