@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detkit.config import load_config
-from detkit.deploy.check import sample_images
+from detkit.deploy.check import kept_fraction, sample_images
 from detkit.deploy.export import export_onnx
 from detkit.deploy.quantize import (
     CalibrationSet,
@@ -68,20 +68,6 @@ def _detections(session, images: np.ndarray):
     return dets
 
 
-def _kept_fraction(reference, candidate, iou_thr=0.9) -> float:
-    from torchvision.ops import box_iou
-
-    found = total = 0
-    for (rb, rl), (cb, cl) in zip(reference, candidate):
-        total += len(rb)
-        if len(rb) == 0 or len(cb) == 0:
-            continue
-        iou = box_iou(torch.from_numpy(rb), torch.from_numpy(cb)).numpy()
-        same = rl[:, None] == cl[None, :]
-        found += int(((iou >= iou_thr) & same).any(axis=1).sum())
-    return found / max(total, 1)
-
-
 def test_first_conv_and_prediction_layers_stay_float(confident_model, tmp_path):
     model = confident_model(FAMILIES["centernet"])
     export_onnx(model, tmp_path / "c.onnx", 128, 128)
@@ -115,7 +101,7 @@ def test_int8_models_keep_the_fp32_detections(tmp_path):
     reference = _detections(ort.InferenceSession(str(fp32)), images)
     assert sum(len(b) for b, _ in reference) >= 6
     got = _detections(ort.InferenceSession(str(tmp_path / "m.int8.onnx")), images)
-    assert _kept_fraction(reference, got) >= 0.9
+    assert kept_fraction(reference, got) >= 0.9
 
     ov = pytest.importorskip("openvino")
     pytest.importorskip("nncf")
@@ -131,7 +117,7 @@ def test_int8_models_keep_the_fp32_detections(tmp_path):
             feed["image_sizes"] = np.asarray([image.shape[-2:]], np.int64)
         result = compiled(feed)
         ov_dets.append(_select({o.get_any_name(): np.asarray(result[o]) for o in compiled.outputs}))
-    assert _kept_fraction(reference, ov_dets) >= 0.9
+    assert kept_fraction(reference, ov_dets) >= 0.9
 
 
 def test_bad_calibration_input_is_one_clear_error(tmp_path):

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ...registry import BACKBONES, NECKS, ConfigError, check_kwargs
+from ...registry import BACKBONES, HEADS, NECKS, ConfigError, check_kwargs
 from ...structures import ImageList, ShapeSpec, boxes_to_original
 from ..multiscale import MultiScaleTrain, TestTimeAug
 
@@ -35,6 +35,8 @@ class Detector(nn.Module):
     evaluation on several views and merges them (see ``detkit/models/multiscale.py``).
     """
 
+    backbone: nn.Module      # set by every subclass
+    neck: nn.Module | None
     pixel_mean: Tensor  # buffer Float[3,1,1]
     pixel_std: Tensor  # buffer Float[3,1,1]
 
@@ -103,6 +105,14 @@ class Detector(nn.Module):
             result = dict(result, boxes=boxes_to_original(result["boxes"], meta))
         return result
 
+    def features(self, batch: ImageList) -> dict[str, Tensor]:
+        """Backbone, then the neck when there is one (every detector holds ``backbone`` and
+        ``neck`` attributes)."""
+        backbone: nn.Module = self.backbone
+        neck: nn.Module | None = getattr(self, "neck", None)
+        feats = backbone(batch.tensor)
+        return neck(feats) if neck is not None else feats
+
     def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -121,6 +131,19 @@ def build_backbone_and_neck(cfg: dict, path: str) -> tuple[nn.Module, nn.Module 
         neck = NECKS.build(cfg["neck"], f"{path}.neck", input_shapes=shapes)
         shapes = neck.output_shape()
     return backbone, neck, shapes
+
+
+def build_with_head(cls, cfg: dict, path: str):
+    """``cls(backbone=, neck=, head=, **detector kwargs)`` for a detector of one head that gets
+    ``input_shapes`` and ``num_classes`` (Segmentor, DETRDetector)."""
+    for key in ("num_classes", "head"):
+        if key not in cfg:
+            raise ConfigError(f"{path}: missing '{key}'")
+    backbone, neck, shapes = build_backbone_and_neck(cfg, path)
+    head = HEADS.build(cfg["head"], f"{path}.head", input_shapes=shapes,
+                       num_classes=int(cfg["num_classes"]))
+    kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes"))
+    return cls(backbone=backbone, neck=neck, head=head, **kwargs)
 
 
 def base_kwargs(cfg: dict, path: str, owner: str, component_keys: Sequence[str]) -> dict:

@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-from ...registry import DETECTORS, HEADS, ConfigError
+from ...registry import DETECTORS
 from ...structures import ImageList
 from ..detr.outputs import detr_targets_from_detkit
-from .base import Detector, base_kwargs, build_backbone_and_neck
+from .base import Detector, build_with_head
 
 __all__ = ["DETRDetector"]
 
@@ -56,18 +56,7 @@ class DETRDetector(Detector):
 
     @classmethod
     def from_config(cls, cfg: dict, *, path: str) -> "DETRDetector":
-        for key in ("num_classes", "head"):
-            if key not in cfg:
-                raise ConfigError(f"{path}: missing '{key}'")
-        backbone, neck, shapes = build_backbone_and_neck(cfg, path)
-        head = HEADS.build(cfg["head"], f"{path}.head", input_shapes=shapes,
-                           num_classes=int(cfg["num_classes"]))
-        kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes"))
-        return cls(backbone=backbone, neck=neck, head=head, **kwargs)
-
-    def features(self, batch: ImageList) -> dict[str, Tensor]:
-        feats = self.backbone(batch.tensor)
-        return self.neck(feats) if self.neck is not None else feats
+        return build_with_head(cls, cfg, path)
 
     def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
         detr_targets = detr_targets_from_detkit(targets, batch.tensor.shape[-2:])

@@ -68,10 +68,6 @@ class OneStageDetector(Detector):
         except ValueError as e:
             raise ConfigError(f"{path}.flip_test: {e}") from None
 
-    def features(self, batch: ImageList) -> dict[str, Tensor]:
-        feats = self.backbone(batch.tensor)
-        return self.neck(feats) if self.neck is not None else feats
-
     def forward_train(self, batch: ImageList, targets: list[dict]) -> dict[str, Tensor]:
         outputs = self.head(self.features(batch))
         return self.head.loss(outputs, targets, batch.image_sizes)

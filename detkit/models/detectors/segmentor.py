@@ -7,9 +7,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ...registry import DETECTORS, HEADS, ConfigError
+from ...registry import DETECTORS
 from ...structures import ImageList, dense_to_original
-from .base import Detector, base_kwargs, build_backbone_and_neck
+from .base import Detector, build_with_head
 
 __all__ = ["Segmentor", "logits_to_original"]
 
@@ -53,18 +53,7 @@ class Segmentor(Detector):
 
     @classmethod
     def from_config(cls, cfg: dict, *, path: str) -> "Segmentor":
-        for key in ("num_classes", "head"):
-            if key not in cfg:
-                raise ConfigError(f"{path}: missing '{key}'")
-        backbone, neck, shapes = build_backbone_and_neck(cfg, path)
-        head = HEADS.build(cfg["head"], f"{path}.head", input_shapes=shapes,
-                           num_classes=int(cfg["num_classes"]))
-        kwargs = base_kwargs(cfg, path, cls.__name__, ("backbone", "neck", "head", "num_classes"))
-        return cls(backbone=backbone, neck=neck, head=head, **kwargs)
-
-    def features(self, batch: ImageList) -> dict[str, Tensor]:
-        feats = self.backbone(batch.tensor)
-        return self.neck(feats) if self.neck is not None else feats
+        return build_with_head(cls, cfg, path)
 
     def forward(self, images: Sequence[Tensor], targets: list[dict] | None = None):
         if self.training:

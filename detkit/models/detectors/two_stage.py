@@ -90,10 +90,6 @@ class TwoStageDetector(Detector):
                 raise ConfigError(f"{path}.init_from_torchvision: {e}") from e
         return model
 
-    def features(self, batch: ImageList) -> dict[str, Tensor]:
-        feats = self.backbone(batch.tensor)
-        return self.neck(feats) if self.neck is not None else feats
-
     def proposals(self, features: dict[str, Tensor], batch: ImageList) -> tuple[dict, list[Tensor]]:
         """RPN raw outputs and the proposal boxes Float[P_b,4] of each image."""
         rpn_outputs = self.rpn(features)
