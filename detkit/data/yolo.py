@@ -2,7 +2,8 @@
 
 Coordinates are normalised to [0, 1] by the image width / height (of the image as displayed,
 EXIF orientation applied). A line with more than five numbers is a polygon ``cls x1 y1 x2 y2 ...``
-and becomes its bounding box. Labels are the class indices; ``label_to_cat_id`` is ``label + 1``:
+(Ultralytics' segment labels, at least 3 points) and becomes its bounding box, plus its mask with
+``instance_masks: true``. Labels are the class indices; ``label_to_cat_id`` is ``label + 1``:
 the COCO ``category_id`` Ultralytics itself writes for a non-COCO dataset (its ``class_map`` is
 ``1..nc``), so detkit's and Ultralytics' ``predictions.json`` on the same data score against each
 other, and COCO ids start at 1 (0 is background for torchvision's COCO models).
@@ -38,15 +39,28 @@ import yaml
 from ..config import load_yaml
 from ..errors import DatasetError, note_once, warn_once
 from ..registry import DATASETS, ConfigError
-from .base import BoxChecker, DetectionDataset, ImageRecord, require_dir, require_file, resolve_path
+from .base import (
+    BoxChecker,
+    DetectionDataset,
+    ImageRecord,
+    make_coco,
+    require_dir,
+    require_file,
+    resolve_path,
+)
 from .io import IMAGE_EXTENSIONS, image_size
 
-__all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_txt", "read_data_yaml", "yolo_label_path"]
+__all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_objects", "parse_yolo_txt", "polygon_masks",
+           "read_data_yaml", "yolo_label_path"]
 
 
-def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels Int64[N] and normalised boxes Float[N,4] xyxy of one label file."""
-    labels, boxes = [], []
+def parse_yolo_objects(txt: Path, num_classes: int
+                       ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+    """Labels Int64[N], normalised boxes Float[N,4] xyxy and, per object, the normalised polygon
+    Float[P,2] (x, y) of a polygon line or None for a box line, of one label file."""
+    labels: list[int] = []
+    boxes: list[list[float]] = []
+    polygons: list[np.ndarray | None] = []
     for lineno, line in enumerate(txt.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -61,14 +75,41 @@ def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]
         if len(values) == 4:
             cx, cy, w, h = values
             boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+            polygons.append(None)
         elif len(values) >= 6 and len(values) % 2 == 0:
-            xs, ys = values[0::2], values[1::2]
-            boxes.append([min(xs), min(ys), max(xs), max(ys)])
+            points = np.array(values, np.float64).reshape(-1, 2)
+            boxes.append([*points.min(axis=0).tolist(), *points.max(axis=0).tolist()])
+            polygons.append(points)
+        elif len(values) > 4:
+            raise DatasetError(f"{txt}:{lineno}: a polygon line 'cls x1 y1 x2 y2 x3 y3 ...' needs x y "
+                               f"pairs, got an odd {len(values)} coordinates")
         else:
-            raise DatasetError(f"{txt}:{lineno}: expected 'cls cx cy w h' or 'cls x1 y1 x2 y2 ...', "
-                               f"got {len(parts)} values")
+            raise DatasetError(f"{txt}:{lineno}: expected 'cls cx cy w h' (a box) or 'cls x1 y1 x2 y2 "
+                               f"x3 y3 ...' (a polygon of at least 3 points), got {len(parts)} values")
         labels.append(cls)
-    return np.array(labels, np.int64), np.array(boxes, np.float64).reshape(-1, 4)
+    return np.array(labels, np.int64), np.array(boxes, np.float64).reshape(-1, 4), polygons
+
+
+def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels Int64[N] and normalised boxes Float[N,4] xyxy of one label file (polygons -> boxes)."""
+    labels, boxes, _ = parse_yolo_objects(txt, num_classes)
+    return labels, boxes
+
+
+def polygon_masks(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """UInt8[N,H,W] 0/1 masks of N polygons Float[P,2] in absolute pixel-edge coordinates.
+
+    Rasterised by pycocotools as the COCO reader's polygons are, so a dataset converted between
+    COCO json and YOLO-seg txt gives the same masks, and a mask stays inside its box (a pixel is
+    in when the polygon covers its centre; OpenCV's ``fillPoly`` also fills the pixels the
+    outline touches, one more row and column on the right / bottom)."""
+    from pycocotools import mask as mask_utils
+
+    masks = np.zeros((len(polygons), height, width), np.uint8)
+    for i, points in enumerate(polygons):
+        rles = mask_utils.frPyObjects([np.asarray(points, np.float64).reshape(-1).tolist()], height, width)
+        masks[i] = mask_utils.decode(mask_utils.merge(rles))
+    return masks
 
 
 def yolo_label_path(image: Path) -> Path:
@@ -131,13 +172,21 @@ def _list_images(source: Path) -> list[Path]:
 @DATASETS.register()
 class YoloDetection(DetectionDataset):
     """YOLO txt labels from ``img_dir``/``label_dir`` + ``class_names``, or from an Ultralytics
-    ``data_yaml`` and its ``split`` (train / val / test); paths relative to ``root``."""
+    ``data_yaml`` and its ``split`` (train / val / test); paths relative to ``root``.
+
+    ``instance_masks: true`` (Mask R-CNN) adds ``masks`` UInt8[N,H,W] to every sample, one per
+    box: a polygon line (Ultralytics' segment labels) is rasterised at the image size
+    (``polygon_masks``); a box line in the same data gets its filled box as mask, and their number
+    is reported in one warning. The txt polygons are the stored form: bitmaps exist only per
+    loaded sample, as with the COCO reader.
+    """
 
     def __init__(self, img_dir: str | None = None, label_dir: str | None = None,
                  class_names: list[str] | None = None, *, data_yaml: str | None = None, split: str = "train",
                  root: str | None = None, transforms=None, filter_empty: bool = False,
-                 skip_bad_images: bool = False):
+                 instance_masks: bool = False, skip_bad_images: bool = False):
         super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
+        self.instance_masks = bool(instance_masks)
         label_of: Callable[[Path], Path] = yolo_label_path
         if data_yaml is not None:
             if img_dir is not None or label_dir is not None:
@@ -179,6 +228,13 @@ class YoloDetection(DetectionDataset):
             background += not txt.is_file()
             self.records.append(self._record(k, file, txt, checker))
         self.box_report = checker.report()
+        if self.instance_masks:
+            polygons = [p for r in self.records for p in r.extra["polygons"]]
+            self.num_box_masks = sum(p is None for p in polygons)
+            if self.num_box_masks:
+                warn_once(f"{self.source}: instance_masks: {self.num_box_masks} of {len(polygons)} objects "
+                          f"are box lines ('cls cx cy w h') without a polygon; their masks are the "
+                          f"filled boxes")
         self.num_background = background
         if background:
             note_once(f"{self.source}: {len(files)} images, {background} without a label file "
@@ -192,12 +248,43 @@ class YoloDetection(DetectionDataset):
 
     def _record(self, k: int, file: Path, txt: Path, checker: BoxChecker) -> ImageRecord:
         height, width = image_size(file)
+        polygons: list[np.ndarray | None] = []
         if txt.is_file():
-            labels, boxes = parse_yolo_txt(txt, len(self.class_names))
+            labels, boxes, polygons = parse_yolo_objects(txt, len(self.class_names))
         else:
             labels, boxes = np.zeros(0, np.int64), np.zeros((0, 4))
         boxes = boxes * np.array([width, height, width, height], np.float64)
         names = [f"{txt}:box {i}" for i in range(len(labels))]
         boxes, keep = checker(boxes, height, width, names)
+        # Kept for every split (not only with instance_masks): the ground truth of a segm
+        # evaluation on the val split needs them. Pixel-edge coordinates; None: a box line.
+        size = np.array([width, height], np.float64)
+        polygons = [None if p is None else p * size for p, k in zip(polygons, keep) if k]
         return ImageRecord(image_id=k + 1, file=file, height=height, width=width, boxes=boxes[keep],
-                           labels=labels[keep], iscrowd=np.zeros(int(keep.sum()), bool))
+                           labels=labels[keep], iscrowd=np.zeros(int(keep.sum()), bool),
+                           extra={"polygons": polygons})
+
+    @staticmethod
+    def _outlines(record: ImageRecord) -> list[np.ndarray]:
+        """Float[P,2] pixel polygons of the record's objects, a box line's as its 4 corners."""
+        return [p if p is not None else box[[0, 1, 2, 1, 2, 3, 0, 3]].reshape(4, 2)
+                for p, box in zip(record.extra["polygons"], record.boxes.astype(np.float64))]
+
+    def load_extra(self, record: ImageRecord, raw: dict) -> None:
+        if self.instance_masks:
+            raw["masks"] = polygon_masks(self._outlines(record), record.height, record.width)
+
+    def coco_gt(self):
+        """Boxes as the base class; with polygon lines in the data also their ``segmentation``
+        and mask ``area`` (COCO's size ranges use it), so ``iou_types: [bbox, segm]`` scores."""
+        coco = super().coco_gt()
+        if not any(p is not None for r in self.records for p in r.extra["polygons"]):
+            return coco
+        from pycocotools import mask as mask_utils
+
+        outlines = [(r, o) for r in self.records for o in self._outlines(r)]
+        for ann, (record, outline) in zip(coco.dataset["annotations"], outlines):
+            ann["segmentation"] = [outline.reshape(-1).tolist()]
+            rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], record.height, record.width))
+            ann["area"] = float(mask_utils.area(rle))
+        return make_coco(coco.dataset)
