@@ -16,7 +16,9 @@ uses ONNX Runtime's CUDA provider when installed (else the CPU, with a warning).
 INPUT is an image file, a folder (searched recursively for image extensions), a glob such as
 ``"photos/**/*.jpg"`` (quote it), or a video file (an annotated copy is written). Writes to
 ``--out``: one annotated image per input (same relative path as under its folder), for
-segmentors the class map as ``masks/<name>.png``, and ``predictions.json``: a COCO results list
+segmentors the class map as ``masks/<name>.png`` (in the dataset's own mask values, e.g. 0 / 7 /
+26 for ``classes: {0: background, 7: road, 26: car}``; overlays carry a legend), and
+``predictions.json``: a COCO results list
 ``[{image_id, file_name, path, category_id, category_name, bbox: [x, y, w, h], score}, ...]``
 (Mask R-CNN adds ``segmentation``, the instance mask as a COCO compressed RLE; drawn masks too)
 in original-image pixels (``file_name`` relative to its input folder, ``path`` as found; video
@@ -51,9 +53,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detkit.cli import add_debug_flag, run_cli  # noqa: E402
-from detkit.config import load_config  # noqa: E402
+from detkit.config import get_path, load_config  # noqa: E402
 from detkit.errors import DetkitError  # noqa: E402
 from detkit.inference import Predictor  # noqa: E402
+from detkit.seg_output import SegOutputWriter  # noqa: E402
 from detkit.visualize import draw_result  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
@@ -124,6 +127,12 @@ class ResultWriter:
         self.num_detections = 0
         self.file_to_id, self.cat_ids = self._ids_from_gt(gt_file)
         self.next_id = max(self.file_to_id.values(), default=0) + 1
+        names = predictor.class_names
+        # A segmentation "background" class stays unpainted so that the objects stand out.
+        self.seg_skip = (0,) if names and names[0].lower() in BACKGROUND_NAMES else ()
+        self.seg = SegOutputWriter(class_names=names, label_to_cat_id=predictor.label_to_cat_id,
+                                   num_labels=get_path(predictor.cfg, "model.num_classes", None),
+                                   skip_labels=self.seg_skip)
 
     def _ids_from_gt(self, gt_file: str | None) -> tuple[dict[str, int], list[int] | None]:
         cat_ids = self.predictor.label_to_cat_id
@@ -169,10 +178,8 @@ class ResultWriter:
         self.num_detections += len(xyxy)
 
     def annotate(self, image: np.ndarray, result: dict) -> np.ndarray:
-        names = self.predictor.class_names
-        # A segmentation "background" class stays unpainted so that the objects stand out.
-        skip = (0,) if names and names[0].lower() in BACKGROUND_NAMES else ()
-        return draw_result(image, result, names, seg_skip_labels=skip)
+        drawn = draw_result(image, result, self.predictor.class_names, seg_skip_labels=self.seg_skip)
+        return self.seg.legend(drawn, result["sem_seg"]) if result.get("sem_seg") is not None else drawn
 
     def write_image(self, out_name: str, image: np.ndarray, result: dict) -> None:
         if not self.draw:
@@ -181,10 +188,8 @@ class ResultWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(target), cv2.cvtColor(self.annotate(image, result), cv2.COLOR_RGB2BGR)):
             raise OSError(f"cannot write {target}")
-        if result.get("sem_seg") is not None:
-            mask = self.out_dir / "masks" / Path(out_name).with_suffix(".png")
-            mask.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(mask), result["sem_seg"].numpy().astype(np.uint8))
+        if result.get("sem_seg") is not None:   # in the dataset's own mask values
+            self.seg.write_png(self.out_dir / "masks" / Path(out_name).with_suffix(".png"), result["sem_seg"])
 
     def save_json(self) -> Path:
         path = self.out_dir / "predictions.json"

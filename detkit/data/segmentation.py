@@ -8,9 +8,13 @@ palette indices, not their colours. Works for the built-in shapes masks with
 ``class_names: [background, circle, square, triangle, star]``. Samples carry ``sem_seg``
 Int64[H,W] and an empty ``boxes`` Float[0,4].
 
-Sparse ids (e.g. COCO panoptic semantic PNGs with category ids 1..200 and gaps): list the ids in
-class order as ``mask_values: [0, 1, 2, ..., 200]``; mask value ``mask_values[k]`` becomes class
-``k`` and any value not listed becomes ``ignore_index``.
+Sparse ids (e.g. PNG values ``0, 7, 26``, or COCO panoptic semantic PNGs with category ids
+1..200 and gaps): give the classes with their values, ``classes: {0: background, 7: road, 26:
+car}`` or ``classes: path/to/file`` (a yaml / json / txt of them, or COCO panoptic's categories
+json; ``detkit.data.seg_classes``), or list the ids in class order as ``mask_values`` beside
+``class_names``. Mask value ``mask_values[k]`` becomes class ``k``, any value not listed becomes
+``ignore_index``. ``label_to_cat_id`` holds the values (stored in checkpoints), so
+``tools/infer.py`` writes predicted PNGs in the dataset's own values.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError, warn_once
-from ..registry import DATASETS
+from ..registry import DATASETS, ConfigError
 from .base import DetectionDataset, ImageRecord, require_dir, require_file, resolve_path
 from .io import IMAGE_EXTENSIONS, image_size, read_image, read_mask
+from .seg_classes import read_seg_classes
 
 __all__ = ["SemanticSegDataset", "VOC_SEG_CLASSES"]
 
@@ -42,6 +47,8 @@ class SemanticSegDataset(DetectionDataset):
         class_names: names indexed by class (default: background + the 20 VOC classes).
         ignore_index: the mask value that is ignored (usually set as ``data.ignore_index``).
         mask_values: the mask value of each class, for sparse ids (default: ``v`` is class ``v``).
+        classes: instead of ``class_names`` (+ ``mask_values``): ``{value: name}`` or a file of
+            them (``read_seg_classes``; relative to ``root``); classes in ascending value order.
 
     Images without a mask are left out with one warning that counts them.
     """
@@ -49,14 +56,26 @@ class SemanticSegDataset(DetectionDataset):
     def __init__(self, img_dir: str, mask_dir: str, class_names: list[str] | None = None, *,
                  root: str | None = None, split_file: str | None = None, mask_suffix: str = ".png",
                  ignore_index: int = IGNORE, mask_values: list[int] | None = None,
-                 transforms=None, skip_bad_images: bool = False):
+                 classes: dict | str | None = None, transforms=None, skip_bad_images: bool = False):
         super().__init__(transforms=transforms, skip_bad_images=skip_bad_images)
         self.img_dir = require_dir(resolve_path(root, img_dir), "SemanticSegDataset: image folder")
         self.mask_dir = require_dir(resolve_path(root, mask_dir), "SemanticSegDataset: mask folder")
-        self.class_names = list(class_names or VOC_SEG_CLASSES)
-        self.label_to_cat_id = list(range(len(self.class_names)))
         self.ignore_index = int(ignore_index)
+        if classes is not None:
+            if class_names is not None or mask_values is not None:
+                raise ConfigError("SemanticSegDataset: give classes ({value: name} or a file) or "
+                                  "class_names (+ mask_values), not both")
+            mask_values, class_names = read_seg_classes(classes, root=root)
+            if self.ignore_index in mask_values:
+                raise DatasetError(f"SemanticSegDataset: classes list the ignore value {self.ignore_index} "
+                                   f"({class_names[mask_values.index(self.ignore_index)]!r}); leave it "
+                                   f"out or set data.ignore_index to another value")
+        self.class_names = list(class_names or VOC_SEG_CLASSES)
         self._lut = self._lookup_table(mask_values)
+        # The mask value of each class: checkpoints store it, predictions are written back in it.
+        self.mask_values = [int(v) for v in mask_values] if mask_values is not None \
+            else list(range(len(self.class_names)))
+        self.label_to_cat_id = list(self.mask_values)
         images: dict[str, Path] = {}
         for p in sorted(self.img_dir.iterdir()):
             if p.suffix.lower() in IMAGE_EXTENSIONS:
@@ -124,7 +143,7 @@ class SemanticSegDataset(DetectionDataset):
         if bad.size:
             raise DatasetError(f"{mask_file}: mask values {bad.tolist()} are not class indices "
                                f"0..{len(self.class_names) - 1} (or {self.ignore_index} = ignore); "
-                               f"for sparse ids list them as mask_values")
+                               f"for sparse ids give classes: {{value: name, ...}} (or mask_values)")
         raw["sem_seg"] = mask
 
     def coco_gt(self):
