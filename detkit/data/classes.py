@@ -8,6 +8,11 @@ number into ``model.num_classes`` when the config leaves it null (or out), and w
 and differ raises one ConfigError naming both, before a model is built: a count that is too small
 otherwise fails inside the loss at the first batch, one too large trains outputs that never see
 a positive.
+
+A ``Segmentor``'s ``num_classes`` counts the labels of its class maps, background included: it is
+taken from (or checked against) a ``SemanticSegDataset``'s ``classes`` / ``class_names`` (default:
+background + the 20 VOC classes) and a ``CocoDetection`` with ``with_masks`` (background + its
+categories); other dataset types are not checked.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from ..errors import DatasetError
 from ..registry import ConfigError
 from .base import resolve_path
 
-__all__ = ["dataset_class_names", "resolve_num_classes"]
+__all__ = ["dataset_class_names", "seg_label_names", "resolve_num_classes"]
 
 # Detectors whose ``num_classes`` counts object classes (a Segmentor's counts background too).
 DETECTOR_TYPES = ("OneStageDetector", "TwoStageDetector", "DETRDetector")
@@ -75,14 +80,40 @@ def _yaml_names(path: Path) -> tuple[list[str], str]:
     return _class_names(data["names"], path), str(path)
 
 
-def _data_classes(cfg: dict) -> tuple[list[str], str] | None:
+def seg_label_names(node, root=None) -> tuple[list[str], str] | None:
+    """(names of the labels of a Segmentor's class maps, where they were read) of a dataset
+    config node, background included; None for types that do not say."""
+    if not isinstance(node, dict):
+        return None
+    root = resolve_path(root, node["root"]) if node.get("root") is not None else root
+    if isinstance(node.get("dataset"), dict):
+        return seg_label_names(node["dataset"], root)
+    if isinstance(node.get("datasets"), list) and node["datasets"]:
+        return seg_label_names(node["datasets"][0], root)
+    kind = node.get("type")
+    if kind == "SemanticSegDataset":
+        if node.get("classes") is not None:
+            from .seg_classes import read_seg_classes
+            where = node["classes"] if isinstance(node["classes"], str) else "classes"
+            return read_seg_classes(node["classes"], root=root)[1], f"{kind}.{where}"
+        if node.get("class_names") is not None:
+            return [str(n) for n in node["class_names"]], f"{kind}.class_names"
+        from .segmentation import VOC_SEG_CLASSES
+        return list(VOC_SEG_CLASSES), f"{kind} (background + the 20 VOC classes)"
+    if kind == "CocoDetection" and node.get("with_masks") and node.get("ann_file") is not None:
+        names, where = _coco_names(resolve_path(root, str(node["ann_file"])))
+        return ["background", *names], f"background + the categories of {where}"
+    return None
+
+
+def _data_classes(cfg: dict, finder=dataset_class_names) -> tuple[list[str], str] | None:
     data: dict = cfg["data"] if isinstance(cfg.get("data"), dict) else {}
     # val first: the same classes as train in a smaller file (COCO val2017's json is 25 MB,
     # train2017's 450 MB); a config without val reads train.
     for split in ("val", "train"):
         node = data.get(split)
         if isinstance(node, dict) and isinstance(node.get("dataset"), dict):
-            found = dataset_class_names(node["dataset"], data.get("root"))
+            found = finder(node["dataset"], data.get("root"))
             if found is not None:
                 return found[0], f"data.{split} ({found[1]})"
     return None
@@ -96,13 +127,14 @@ def resolve_num_classes(cfg: dict, *, check: bool = True) -> dict:
     or when it is unset and the data does not say (a missing annotation file is named).
     """
     model = cfg.get("model")
-    if not isinstance(model, dict) or model.get("type") not in DETECTOR_TYPES:
+    segmentor = isinstance(model, dict) and model.get("type") == "Segmentor"
+    if not isinstance(model, dict) or not (segmentor or model.get("type") in DETECTOR_TYPES):
         return cfg
     given = model.get("num_classes")
     if given is not None and not check:
         return cfg
     try:
-        found = _data_classes(cfg)
+        found = _data_classes(cfg, seg_label_names if segmentor else dataset_class_names)
     except DatasetError as e:
         if given is not None:   # the files are not here (e.g. a config read for inference): no check
             return cfg

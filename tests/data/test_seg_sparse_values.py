@@ -179,3 +179,25 @@ def test_train_infer_eval_round_trip(sparse, tmp_path):
     scores = json.loads(perfect_json.read_text())
     assert scores["sem_seg/mIoU"] == 1.0 and scores["sem_seg/PA"] == 1.0
     assert scores["sem_seg/IoU-26"] == 1.0 and scores["sem_seg/IoU-7"] == 1.0
+
+
+def test_segmentor_num_classes_from_the_classes(sparse):
+    from detkit.data.classes import resolve_num_classes
+
+    (sparse / "classes.yaml").write_text("classes: {0: background, 7: road, 26: car}\n")
+
+    def config(num_classes, classes="classes.yaml"):
+        node = {"type": "SemanticSegDataset", "img_dir": "images", "mask_dir": "masks", "classes": classes}
+        return {"model": {"type": "Segmentor", "num_classes": num_classes},
+                "data": {"root": str(sparse), "train": {"dataset": node}, "val": {"dataset": dict(node)}}}
+
+    assert resolve_num_classes(config(None))["model"]["num_classes"] == 3
+    assert resolve_num_classes(config(3))["model"]["num_classes"] == 3
+    with pytest.raises(ConfigError, match=r"num_classes is 2 but the data has 3 classes \(background, road, "
+                                          r"car\) in data\.val \(SemanticSegDataset\.classes\.yaml\)"):
+        resolve_num_classes(config(2))
+    voc = config(None)
+    for split in ("train", "val"):
+        del voc["data"][split]["dataset"]["classes"]
+    assert resolve_num_classes(voc)["model"]["num_classes"] == 21     # background + the VOC classes
+    assert resolve_num_classes(config(5), check=False)["model"]["num_classes"] == 5   # tools/eval.py
