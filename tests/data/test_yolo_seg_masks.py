@@ -194,3 +194,69 @@ def test_data_yaml_trains_mask_rcnn(yolo_seg, tmp_path):
     mask_losses = [rec["loss_mask"] for rec in logged if "loss_mask" in rec]
     assert len(mask_losses) == 2 and all(math.isfinite(v) and v > 0 for v in mask_losses)
     assert any("segm/AP" in rec for rec in logged)          # the final evaluation scored masks
+
+
+def test_polygons_far_beyond_the_image_are_clipped():
+    """Polygons within twice the image size around it are rasterised untouched (pycocotools on
+    the raw polygon: equal); farther ones are clipped to that window, which changes a few
+    pixels along the edges at most, and huge coordinates no longer crash pycocotools."""
+    from pycocotools import mask as mask_utils
+
+    from detkit.data.yolo import clip_polygon, polygon_masks
+
+    def raw_mask(points):
+        rles = mask_utils.frPyObjects([points.reshape(-1).tolist()], h, w)
+        return mask_utils.decode(mask_utils.merge(rles))
+
+    rng = np.random.default_rng(7)
+    h, w = 33, 47
+    for _ in range(20):
+        n = int(rng.integers(3, 12))
+        angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+        radii = rng.uniform(5, 45, n)
+        centre = rng.uniform([-10, -10], [w + 10, h + 10])
+        points = centre + radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], 1)
+        assert np.array_equal(polygon_masks([points], h, w)[0], raw_mask(points))
+        far = centre + 40 * radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], 1)
+        ours, raw = polygon_masks([far], h, w)[0], raw_mask(far)
+        assert (ours != raw).sum() <= 0.02 * h * w
+        clipped = clip_polygon(far, w, h, margin=2.0 * w)
+        assert ((clipped >= -2 * w - 1e-6) & (clipped <= [3 * w + 1e-6, h + 2 * w + 1e-6])).all()
+    huge = np.array([[-1e12, -1e12], [1e12, -1e12], [1e12, 1e12], [-1e12, 1e12]])
+    assert polygon_masks([huge], h, w)[0].all()               # the whole image, at once
+    assert not polygon_masks([huge - 1e13], h, w)[0].any()   # entirely outside: empty
+
+
+def test_random_polygon_lines_load_or_give_one_error(tmp_path):
+    """Any label text of polygon-like lines: the dataset loads (masks of the image size, inside
+    their boxes) or raises DatasetError; never another exception or a crash."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "x.png"), np.zeros((21, 34, 3), np.uint8))
+    number = st.one_of(st.floats(-2, 3), st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from([0.0, 1.0, 1e9, -1e30, 0.5]))
+    line = st.tuples(st.integers(-1, 2), st.lists(number, min_size=0, max_size=14)).map(
+        lambda t: " ".join(map(str, (t[0], *t[1]))))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(line, max_size=4))
+    def check(lines):
+        (tmp_path / "labels" / "x.txt").write_text("\n".join(lines))
+        try:
+            ds = YoloDetection("images", "labels", ["a", "b"], root=str(tmp_path), instance_masks=True)
+        except DatasetError:
+            return
+        _, target = ds[0]
+        assert target["masks"].shape == (len(target["boxes"]), 21, 34)
+        for mask, (x0, y0, x1, y1) in zip(target["masks"].numpy(), target["boxes"].tolist()):
+            ys, xs = np.nonzero(mask)
+            assert not xs.size or (x0 - 1 <= xs.min() and xs.max() < x1 + 1 and y0 - 1 <= ys.min()
+                                   and ys.max() < y1 + 1)
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check()
