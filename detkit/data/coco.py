@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DatasetError
 from ..registry import DATASETS
 from .base import BoxChecker, DetectionDataset, ImageRecord, require_dir, resolve_path
 from .io import image_size
+from .polygons import segmentation_mask
 
 __all__ = ["CocoDetection", "load_coco"]
 
@@ -104,7 +106,7 @@ class CocoDetection(DetectionDataset):
         anns = [self.coco.anns[i] for i in record.extra["ann_ids"] if "segmentation" in self.coco.anns[i]]
         # Paint large objects first so that smaller ones in front of them stay visible.
         for ann in sorted(anns, key=lambda a: -float(a.get("area", 0.0))):
-            mask = self.coco.annToMask(ann).astype(bool)
+            mask = self._mask(ann, record).astype(bool)
             if mask.shape != sem.shape:
                 raise ValueError(f"{self.ann_file}: annotation id {ann.get('id')} mask is "
                                  f"{mask.shape} but image is {sem.shape}")
@@ -121,12 +123,22 @@ class CocoDetection(DetectionDataset):
                 raise ValueError(f"{self.ann_file}: annotation id {ann_id} (image id {record.image_id}) "
                                  f"has no 'segmentation'; instance_masks: true needs a polygon or RLE "
                                  f"for every annotation")
-            mask = self.coco.annToMask(ann)
+            mask = self._mask(ann, record)
             if mask.shape != masks.shape[1:]:
                 raise ValueError(f"{self.ann_file}: annotation id {ann_id} mask is {mask.shape} but "
                                  f"image id {record.image_id} is {masks.shape[1:]}")
             masks[i] = mask
         return masks
+
+    def _mask(self, ann: dict, record: ImageRecord) -> np.ndarray:
+        """UInt8[H,W] of one annotation; polygons clipped first (``detkit.data.polygons``: huge
+        coordinates crashed pycocotools), a malformed ``segmentation`` named."""
+        try:
+            return segmentation_mask(self.coco, ann, record.height, record.width)
+        except (ValueError, TypeError, KeyError) as e:
+            raise DatasetError(f"{self.ann_file}: annotation id {ann.get('id')} (image id "
+                               f"{record.image_id}): unreadable 'segmentation' ({type(e).__name__}: {e})"
+                               ) from None
 
     def coco_gt(self):
         """The json's own COCO object: official areas and crowd regions, original category ids."""

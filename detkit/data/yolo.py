@@ -49,9 +49,10 @@ from .base import (
     resolve_path,
 )
 from .io import IMAGE_EXTENSIONS, image_size
+from .polygons import polygon_masks
 
-__all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_objects", "parse_yolo_txt", "polygon_masks",
-           "clip_polygon", "read_data_yaml", "yolo_label_path"]
+__all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_objects", "parse_yolo_txt", "read_data_yaml",
+           "yolo_label_path"]
 
 
 def parse_yolo_objects(txt: Path, num_classes: int
@@ -94,51 +95,6 @@ def parse_yolo_txt(txt: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]
     """Labels Int64[N] and normalised boxes Float[N,4] xyxy of one label file (polygons -> boxes)."""
     labels, boxes, _ = parse_yolo_objects(txt, num_classes)
     return labels, boxes
-
-
-def polygon_masks(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
-    """UInt8[N,H,W] 0/1 masks of N polygons Float[P,2] in absolute pixel-edge coordinates.
-
-    Rasterised by pycocotools as the COCO reader's polygons are, so a dataset converted between
-    COCO json and YOLO-seg txt gives the same masks, and a mask stays inside its box (a pixel is
-    in when the polygon covers its centre; OpenCV's ``fillPoly`` also fills the pixels the
-    outline touches, one more row and column on the right / bottom). Polygons reaching further
-    than twice the image size beyond it are clipped there first: pycocotools walks every edge
-    pixel by pixel and crashes the process on coordinates around 1e9 (polygons within that
-    window, all real ones, are rasterised untouched, pixel for pixel as the COCO reader)."""
-    from pycocotools import mask as mask_utils
-
-    masks = np.zeros((len(polygons), height, width), np.uint8)
-    for i, points in enumerate(polygons):
-        margin = 2.0 * max(height, width)
-        inside = clip_polygon(np.asarray(points, np.float64).reshape(-1, 2), width, height, margin=margin)
-        if len(inside) < 3:
-            continue
-        rles = mask_utils.frPyObjects([inside.reshape(-1).tolist()], height, width)
-        masks[i] = mask_utils.decode(mask_utils.merge(rles))
-    return masks
-
-
-def clip_polygon(points: np.ndarray, width: float, height: float, *, margin: float = 0.0) -> np.ndarray:
-    """Float[P,2] polygon -> the part inside [-margin, width + margin] x [-margin, height + margin]
-    (Sutherland-Hodgman: exact for any simple polygon against this convex window; edges along
-    the window's border lie outside the image when ``margin`` > 0)."""
-    bounds = ((0, -margin, 1.0), (0, width + margin, -1.0), (1, -margin, 1.0), (1, height + margin, -1.0))
-    for axis, limit, sign in bounds:
-        if len(points) == 0:
-            break
-        following = np.roll(points, -1, axis=0)
-        inside = sign * (points[:, axis] - limit) >= 0
-        inside_next = np.roll(inside, -1)
-        out: list[np.ndarray] = []
-        for p, q, p_in, q_in in zip(points, following, inside, inside_next):
-            if p_in:
-                out.append(p)
-            if p_in != q_in:   # the edge crosses the border: add the crossing point
-                t = (limit - p[axis]) / (q[axis] - p[axis])
-                out.append(p + t * (q - p))
-        points = np.array(out, np.float64).reshape(-1, 2)
-    return points
 
 
 def yolo_label_path(image: Path) -> Path:

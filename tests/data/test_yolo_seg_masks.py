@@ -202,7 +202,7 @@ def test_polygons_far_beyond_the_image_are_clipped():
     pixels along the edges at most, and huge coordinates no longer crash pycocotools."""
     from pycocotools import mask as mask_utils
 
-    from detkit.data.yolo import clip_polygon, polygon_masks
+    from detkit.data.polygons import clip_polygon, polygon_masks
 
     def raw_mask(points):
         rles = mask_utils.frPyObjects([points.reshape(-1).tolist()], h, w)
