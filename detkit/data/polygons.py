@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["polygon_masks", "clip_polygon", "segmentation_mask"]
+__all__ = ["polygon_masks", "clip_polygon", "clip_for_rasterising", "segmentation_mask"]
 
 
 def polygon_masks(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
@@ -31,12 +31,18 @@ def polygon_masks(polygons: list[np.ndarray], height: int, width: int) -> np.nda
         points = np.asarray(points, np.float64).reshape(-1, 2)
         if len(points) < 3 or not np.isfinite(points).all():
             continue   # no area (pycocotools gives an empty mask for non-finite values too)
-        inside = clip_polygon(points, width, height, margin=2.0 * max(height, width))
+        inside = clip_for_rasterising(points, height, width)
         if len(inside) < 3:
             continue
         rles = mask_utils.frPyObjects([inside.reshape(-1).tolist()], height, width)
         masks[i] = mask_utils.decode(mask_utils.merge(rles))
     return masks
+
+
+def clip_for_rasterising(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Float[P,2] -> the part within twice the image size around the image (see polygon_masks)."""
+    return clip_polygon(np.asarray(points, np.float64).reshape(-1, 2), width, height,
+                        margin=2.0 * max(height, width))
 
 
 def clip_polygon(points: np.ndarray, width: float, height: float, *, margin: float = 0.0) -> np.ndarray:

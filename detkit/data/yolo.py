@@ -49,7 +49,7 @@ from .base import (
     resolve_path,
 )
 from .io import IMAGE_EXTENSIONS, image_size
-from .polygons import polygon_masks
+from .polygons import clip_for_rasterising, polygon_masks
 
 __all__ = ["YoloDetection", "IMAGE_EXTENSIONS", "parse_yolo_objects", "parse_yolo_txt", "read_data_yaml",
            "yolo_label_path"]
@@ -267,8 +267,12 @@ class YoloDetection(DetectionDataset):
             return coco
         from pycocotools import mask as mask_utils
 
-        outlines = [(r, o) for r in self.records for o in self._outlines(r)]
-        for ann, (record, outline) in zip(coco.dataset["annotations"], outlines):
+        outlines = [(r, o, box) for r in self.records for o, box in zip(self._outlines(r), r.boxes)]
+        for ann, (record, outline, box) in zip(coco.dataset["annotations"], outlines):
+            # Clipped as polygon_masks clips, so the evaluator rasterises the training pixels.
+            outline = clip_for_rasterising(outline, record.height, record.width)
+            if len(outline) < 3:
+                outline = box.astype(np.float64)[[0, 1, 2, 1, 2, 3, 0, 3]].reshape(4, 2)
             ann["segmentation"] = [outline.reshape(-1).tolist()]
             rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], record.height, record.width))
             ann["area"] = float(mask_utils.area(rle))

@@ -260,3 +260,20 @@ def test_random_polygon_lines_load_or_give_one_error(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check()
+
+
+def test_huge_polygon_ground_truth_matches_the_training_mask(yolo_seg):
+    """coco_gt clips as the masks are clipped: the evaluator's pixels are the trained ones (and a
+    huge polygon no longer reaches pycocotools, which crashed on it)."""
+    huge = "0 -3e7 -3e7 3e7 -3e7 0.5 4e7\n1 0.1 0.1 0.4 0.1 0.2 0.5\n"   # the first covers the image
+    (yolo_seg / "labels" / "val" / "a.txt").write_text(huge)
+    with pytest.warns(UserWarning, match="box lines"):
+        ds = YoloDetection(data_yaml="data.yaml", split="val", root=str(yolo_seg), instance_masks=True)
+    gt = ds.coco_gt()
+    for i, record in enumerate(ds.records):
+        _, target = ds[i]
+        anns = gt.imgToAnns[record.image_id]
+        assert len(anns) == len(target["masks"])
+        for ann, mask in zip(anns, target["masks"].numpy()):
+            assert np.array_equal(gt.annToMask(ann).astype(bool), mask) and ann["area"] == mask.sum()
+    assert ds[0][1]["masks"][0].all()
