@@ -194,6 +194,12 @@ def test_data_yaml_trains_mask_rcnn(yolo_seg, tmp_path):
     mask_losses = [rec["loss_mask"] for rec in logged if "loss_mask" in rec]
     assert len(mask_losses) == 2 and all(math.isfinite(v) and v > 0 for v in mask_losses)
     assert any("segm/AP" in rec for rec in logged)          # the final evaluation scored masks
+    # Category ids label + 1 on both sides: the evaluator's ground truth and what a checkpoint
+    # gives predictions.json (data/README.md says why).
+    meta = torch.load(tmp_path / "work" / "last.pth", weights_only=False)["meta"]
+    assert meta["label_to_cat_id"] == [1, 2] and meta["class_names"] == ["star", "blob"]
+    gt = YoloDetection(data_yaml=str(yolo_seg / "data.yaml"), split="val").coco_gt()
+    assert sorted(gt.cats) == [1, 2] and {a["category_id"] for a in gt.anns.values()} == {1, 2}
 
 
 def test_polygons_far_beyond_the_image_are_clipped():
