@@ -49,7 +49,8 @@ def read_seg_classes(source, *, root=None) -> tuple[list[int], list[str]]:
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise DatasetError(f"{path}: not readable ({type(e).__name__}: {e})") from None
+        detail = " ".join(str(e).split())   # YAML's messages span lines; errors are one line
+        raise DatasetError(f"{path}: not readable ({type(e).__name__}: {detail})") from None
     if isinstance(data, dict):
         for key in ("categories", "classes", "names"):
             if key in data:

@@ -201,3 +201,32 @@ def test_segmentor_num_classes_from_the_classes(sparse):
         del voc["data"][split]["dataset"]["classes"]
     assert resolve_num_classes(voc)["model"]["num_classes"] == 21     # background + the VOC classes
     assert resolve_num_classes(config(5), check=False)["model"]["num_classes"] == 5   # tools/eval.py
+
+
+def test_any_classes_file_reads_or_is_one_error(tmp_path):
+    """Random text / YAML / JSON as a classes file: values and names, or DatasetError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.integers(-3, 300), st.text(max_size=4), st.none(), st.booleans(), st.floats())
+    doc = st.one_of(st.dictionaries(scalar, scalar, max_size=4), st.lists(scalar, max_size=4),
+                    st.lists(st.fixed_dictionaries({"id": scalar}, optional={"name": scalar}), max_size=3),
+                    st.dictionaries(st.sampled_from(["classes", "names", "categories"]),
+                                    st.dictionaries(scalar, scalar, max_size=3), max_size=1), scalar)
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(doc=doc, suffix=st.sampled_from([".yaml", ".json", ".txt"]), raw=st.text(max_size=30))
+    def check(doc, suffix, raw):
+        path = tmp_path / f"classes{suffix}"
+        text = {".json": json.dumps(doc, default=str), ".yaml": json.dumps(doc, default=str), ".txt": raw}
+        path.write_text(text[suffix] if suffix != ".yaml" or len(raw) % 2 else raw)   # yaml: both kinds
+        for source in (path, doc):
+            try:
+                values, names = read_seg_classes(source)
+            except DatasetError as e:
+                assert "\n" not in str(e)
+                continue
+            assert values == sorted(set(values)) and all(0 <= v <= 255 for v in values)
+            assert len(names) == len(values) and all(isinstance(n, str) for n in names)
+
+    check()
