@@ -37,7 +37,10 @@ __all__ = ["from_transformers", "read_model_dir", "detkit_config", "convert_stat
 # architecture name in config.json -> model_type
 TRANSFORMERS_ARCHITECTURES = {"RTDetrForObjectDetection": "rt_detr",
                               "RTDetrV2ForObjectDetection": "rt_detr_v2",
-                              "DFineForObjectDetection": "d_fine"}
+                              "DFineForObjectDetection": "d_fine",
+                              "LwDetrForObjectDetection": "lw_detr",     # ViT + projector + LWDETRHead
+                              "RfDetrForObjectDetection": "rf_detr"}     # (see .hf_lwdetr)
+VIT_DETR_TYPES = ("lw_detr", "rf_detr")
 
 
 class ConversionError(DetkitError, ValueError):
@@ -86,6 +89,8 @@ def _model_type(raw: dict, path: Path) -> str:
 def resolve_config(raw: dict, path: Path) -> HFConfig:
     """``config.json`` with the defaults of its architecture (and of its backbone) filled in."""
     model_type = _model_type(raw, path)
+    if model_type in VIT_DETR_TYPES:   # .hf_vit / .hf_lwdetr fill transformers' defaults themselves
+        return HFConfig(dict(raw, model_type=model_type, id2label=_id2label(raw, path)))
     cfg = dict(HF_DEFAULTS[model_type], **raw)
     cfg["model_type"] = model_type
     backbone = raw.get("backbone_config")
@@ -98,11 +103,15 @@ def resolve_config(raw: dict, path: Path) -> HFConfig:
     else:
         backbone = dict(HF_DEFAULTS[backbone["model_type"]], **backbone)
     cfg["backbone_config"] = backbone
-    id2label = raw.get("id2label") or {}
-    cfg["id2label"] = {int(k): str(v) for k, v in id2label.items()}
-    if not cfg["id2label"]:
-        raise ConversionError(f"{path}: no id2label: the class count is unknown")
+    cfg["id2label"] = _id2label(raw, path)
     return HFConfig(cfg)
+
+
+def _id2label(raw: dict, path: Path) -> dict[int, str]:
+    id2label = {int(k): str(v) for k, v in (raw.get("id2label") or {}).items()}
+    if not id2label:
+        raise ConversionError(f"{path}: no id2label: the class count is unknown")
+    return id2label
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
@@ -172,6 +181,16 @@ def detkit_config(config: HFConfig, preprocessor: dict | None = None) -> dict:
     from .hf_detr import head_config
 
     pipeline, mean, std = test_pipeline(preprocessor)
+    if config.model_type in VIT_DETR_TYPES:
+        from .hf_lwdetr import lwdetr_model_parts
+
+        try:
+            parts = lwdetr_model_parts(config)
+        except (KeyError, ValueError) as e:
+            raise ConversionError(f"config.json: {e}") from None
+        model = {"type": "DETRDetector", "num_classes": len(config.id2label),
+                 "pixel_mean": mean, "pixel_std": std, **parts}
+        return {"model": model, "data": {"class_names": class_names(config), "val": {"pipeline": pipeline}}}
     model = {"type": "DETRDetector", "num_classes": len(config.id2label),
              "pixel_mean": mean, "pixel_std": std, "size_divisibility": 32,
              "backbone": backbone_config(config),
@@ -196,6 +215,10 @@ def convert_state_dict(state: dict[str, Tensor], config: HFConfig) -> dict[str, 
     from .hf_detr import convert_head
 
     try:
+        if config.model_type in VIT_DETR_TYPES:
+            from .hf_lwdetr import convert_lwdetr_state_dict
+
+            return convert_lwdetr_state_dict(state, config)
         out = dict(convert_backbone_and_encoder(state, config))
         out.update(convert_head(state, config))
     except (KeyError, ValueError) as e:

@@ -53,6 +53,7 @@ from .losses import (
     edge_bin_targets,
     fine_grained_localization_loss,
     focal_loss,
+    iou_aware_bce_loss,
     matchability_aware_loss,
     paired_iou,
     varifocal_loss,
@@ -61,7 +62,7 @@ from .losses import (
 __all__ = ["SetCriterion"]
 
 Matches = list[tuple[Tensor, Tensor]]
-CLASS_LOSSES = ("vfl", "focal", "mal")
+CLASS_LOSSES = ("vfl", "focal", "mal", "iabce")
 DEFAULT_WEIGHTS = {"class": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
 
 
@@ -118,7 +119,10 @@ class SetCriterion(nn.Module):
 
     Args:
         num_classes: C.
-        class_loss: ``vfl`` (RT-DETR, D-FINE), ``focal`` or ``mal`` (DEIM; use ``gamma=1.5``).
+        class_loss: ``vfl`` (RT-DETR, D-FINE), ``focal``, ``mal`` (DEIM; use ``gamma=1.5``) or
+            ``iabce`` (LW-DETR / RF-DETR's IoU-aware BCE; use ``alpha=0.25``). An output dict with
+            ``num_groups`` G > 1 (Group DETR) is matched per group of Q/G queries and its terms are
+            divided by G times the target count.
         alpha / gamma: the class loss's parameters (varifocal: 0.75, 2.0; focal: set 0.25).
         mal_alpha: MAL's negative weight (None: 1, DEIM's default).
         weights: per-term weights, keys ``class`` (the class loss; or its name ``vfl`` / ``focal`` /
@@ -159,11 +163,14 @@ class SetCriterion(nn.Module):
         self.ddf_temperature = float(ddf_temperature)
         self.per_layer_keys = bool(per_layer_keys)
         self.clamp_boxes = bool(clamp_boxes)
+        self.num_groups = 1   # set per call from the outputs' ``num_groups``
 
     def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
         """outputs: the raw-output dict; targets: DETR-format targets -> weighted ``loss_*`` terms."""
         device = outputs["pred_logits"].device
-        num_boxes = average_count(sum(t["labels"].shape[0] for t in targets), device)
+        # Group DETR (LW-DETR): G query groups, each matched on its own; counts G times the targets
+        self.num_groups = int(outputs.get("num_groups", 1))
+        num_boxes = average_count(sum(t["labels"].shape[0] for t in targets) * self.num_groups, device)
         matched_sets = [("", outputs)]
         matched_sets += [(f"_aux_{i}", o) for i, o in enumerate(outputs.get("aux_outputs", []))]
         if outputs.get("pre_outputs") is not None:
@@ -204,7 +211,15 @@ class SetCriterion(nn.Module):
         return layer["pred_boxes"].clamp(0, 1) if self.clamp_boxes else layer["pred_boxes"]
 
     def match(self, layer: dict, targets: Sequence[dict]) -> Matches:
-        return self.matcher(layer["pred_logits"], self._boxes(layer), targets)
+        groups = getattr(self, "num_groups", 1)
+        if groups == 1:
+            return self.matcher(layer["pred_logits"], self._boxes(layer), targets)
+        size = layer["pred_logits"].shape[1] // groups
+        per_group = [self.matcher(layer["pred_logits"][:, g * size:(g + 1) * size],
+                                  self._boxes(layer)[:, g * size:(g + 1) * size], targets)
+                     for g in range(groups)]
+        return [(torch.cat([m[b][0] + g * size for g, m in enumerate(per_group)]),
+                 torch.cat([m[b][1] for m in per_group])) for b in range(len(targets))]
 
     def _matched_pairs(self, layer: dict, targets: Sequence[dict],
                        matches: Matches) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor, Tensor]:
@@ -224,6 +239,9 @@ class SetCriterion(nn.Module):
         if self.class_loss == "focal":
             return {"focal": focal_loss(logits, where, labels, num_boxes, alpha=self.alpha, gamma=self.gamma)}
         ious = paired_iou(boxes.detach(), target_boxes)
+        if self.class_loss == "iabce":
+            return {"iabce": iou_aware_bce_loss(logits, where, labels, ious, num_boxes, alpha=self.alpha,
+                                                gamma=self.gamma)}
         if self.class_loss == "mal":
             return {"mal": matchability_aware_loss(logits, where, labels, ious, num_boxes, gamma=self.gamma,
                                                    alpha=self.mal_alpha)}

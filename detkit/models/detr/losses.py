@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-__all__ = ["paired_iou", "varifocal_loss", "matchability_aware_loss", "focal_loss", "box_losses",
+__all__ = ["paired_iou", "varifocal_loss", "iou_aware_bce_loss", "matchability_aware_loss", "focal_loss",
+           "box_losses",
            "edge_bin_targets", "fine_grained_localization_loss", "decoupled_distillation_loss"]
 
 
@@ -52,6 +53,22 @@ def varifocal_loss(logits: Tensor, matched: tuple[Tensor, Tensor], labels: Tenso
     weight = (alpha * score.pow(gamma) * (1 - one_hot) + target).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
     return loss / num_boxes
+
+
+def iou_aware_bce_loss(logits: Tensor, matched: tuple[Tensor, Tensor], labels: Tensor, ious: Tensor,
+                       num_boxes: float, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """LW-DETR's IoU-aware BCE (as transformers' LwDetr / RfDetr loss): a matched query's class has
+    target weight ``t = max(p^alpha * IoU^(1-alpha), 0.01)`` (detached) on ``-log p`` and ``1 - t``
+    on ``-log(1 - p)``; every other entry weighs ``p^gamma`` on ``-log(1 - p)``, p = sigmoid(logit).
+    Shapes as :func:`varifocal_loss`."""
+    prob = logits.sigmoid()
+    batch_idx, query_idx = matched
+    quality = (prob[batch_idx, query_idx, labels].detach().pow(alpha) * ious.detach().pow(1 - alpha))
+    quality = quality.clamp(min=0.01).to(logits.dtype)
+    positive = _class_targets(logits, matched, labels, quality)
+    negative = prob.pow(gamma).index_put((batch_idx, query_idx, labels), 1 - quality)
+    loss = -positive * F.logsigmoid(logits) - negative * F.logsigmoid(-logits)
+    return loss.sum() / num_boxes
 
 
 def matchability_aware_loss(logits: Tensor, matched: tuple[Tensor, Tensor], labels: Tensor,
