@@ -54,23 +54,28 @@ def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, index, rank]).generate_state(1)[0])
 
 
-def seed_dataset(obj, seed: int, _depth: int = 0) -> None:
+def seed_dataset(obj, seed: int, _depth: int = 0, *, epoch: int | None = None) -> None:
     """Seed every pipeline / seedable object in a (possibly wrapped) dataset.
 
-    Calls ``set_seed(seed)`` on ``obj.transforms`` and on ``obj`` itself when they have one, then
-    recurses into ``obj.dataset`` and ``obj.datasets`` (wrappers such as mosaic or concat).
+    Calls ``set_augment_epoch(epoch)`` (when ``epoch`` is given: transforms and mosaics with an
+    ``until_epoch`` switch off from that epoch on) and then ``set_seed(seed)`` on
+    ``obj.transforms`` and on ``obj`` itself when they have them, then recurses into
+    ``obj.dataset`` and ``obj.datasets`` (wrappers such as mosaic or concat).
     """
     if obj is None or _depth > 8:
         return
     for target in (getattr(obj, "transforms", None), obj):
+        set_epoch = getattr(target, "set_augment_epoch", None)
+        if epoch is not None and callable(set_epoch):
+            set_epoch(epoch)
         set_seed = getattr(target, "set_seed", None)
         if callable(set_seed):
             set_seed(seed)
     inner = getattr(obj, "dataset", None)
     if isinstance(inner, Dataset):
-        seed_dataset(inner, seed, _depth + 1)
+        seed_dataset(inner, seed, _depth + 1, epoch=epoch)
     for child in getattr(obj, "datasets", None) or []:
-        seed_dataset(child, seed, _depth + 1)
+        seed_dataset(child, seed, _depth + 1, epoch=epoch)
 
 
 class InferenceSampler(Sampler):
@@ -101,7 +106,7 @@ class SizedSampler(Protocol):
 
 
 class GroupedBatchSampler(Sampler):
-    """Batches of ``(index, seed)`` pairs from an index sampler, optionally grouped by aspect ratio.
+    """Batches of ``(index, seed, epoch)`` from an index sampler, optionally grouped by aspect ratio.
 
     With ``group_ids`` (0 = landscape, 1 = portrait per index), a batch is emitted as soon as one
     group has ``batch_size`` items, so batches hold similar shapes (less padding). Leftovers of
@@ -149,7 +154,7 @@ class GroupedBatchSampler(Sampler):
             if self.drop_last and len(batch) < self.batch_size:
                 return
             if k >= skip:
-                yield [(i, sample_seed(self.seed, self.epoch, i, self.rank)) for i in batch]
+                yield [(i, sample_seed(self.seed, self.epoch, i, self.rank), self.epoch) for i in batch]
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -157,7 +162,8 @@ class GroupedBatchSampler(Sampler):
 
 
 class _SeededView(Dataset):
-    """Receives ``(index, seed)`` from the batch sampler, seeds the pipelines, returns the sample."""
+    """Receives ``(index, seed, epoch)`` from the batch sampler, seeds the pipelines (and tells
+    them the epoch: it travels with every index, so persistent workers see it too), returns the sample."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -166,8 +172,8 @@ class _SeededView(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item
-        seed_dataset(self.dataset, seed)
+        index, seed, epoch = item
+        seed_dataset(self.dataset, seed, epoch=epoch)
         if torch.utils.data.get_worker_info() is not None:
             # Only in workers: the main process's global RNGs belong to the trainer.
             random.seed(seed)

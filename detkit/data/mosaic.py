@@ -7,6 +7,7 @@ Config (a split's ``dataset`` node)::
       dataset: {type: CocoDetection, img_dir: train, ann_file: annotations/instances_train.json}
       size: 416            # output side (pixels); int or [h, w]
       prob: 1.0            # probability of a mosaic; otherwise the plain image goes on
+      until_epoch: 90      # optional: plain images from this training epoch on (close_mosaic)
     pipeline: [...]        # runs on the mosaic (or the plain image): keep a Letterbox in it
 
 How a mosaic is made: a centre (xc, yc) is drawn uniformly in ``center_range`` x the output size;
@@ -49,12 +50,14 @@ class Mosaic(Dataset):
         center_range: the centre is drawn in [lo, hi] x size along each axis.
         min_visible: keep a cropped box if at least this fraction of its area is in the tile.
         pad_value: grey level of canvas pixels no tile covers.
+        until_epoch: the first training epoch without mosaics (None: mosaics to the end); the
+            loader tells the dataset the epoch (``set_augment_epoch``).
         transforms: the split's pipeline, applied to the mosaic (or plain) raw sample.
     """
 
     def __init__(self, dataset, *, size: int | Sequence[int], prob: float = 1.0,
                  center_range: Sequence[float] = (0.25, 0.75), min_visible: float = 0.3,
-                 pad_value: int = 114, transforms=None):
+                 pad_value: int = 114, until_epoch: int | None = None, transforms=None):
         if not hasattr(dataset, "get_raw"):
             raise ValueError(f"Mosaic: the wrapped dataset ({type(dataset).__name__}) has no get_raw()")
         if len(dataset) == 0:
@@ -73,8 +76,13 @@ class Mosaic(Dataset):
         self.dataset = dataset
         self.prob, self.center_range = float(prob), (lo, hi)
         self.min_visible, self.pad_value = float(min_visible), int(pad_value)
+        if until_epoch is not None and (isinstance(until_epoch, bool) or int(until_epoch) != until_epoch
+                                        or until_epoch < 0):
+            raise ValueError(f"Mosaic: until_epoch must be an epoch number >= 0, got {until_epoch!r}")
+        self.until_epoch = None if until_epoch is None else int(until_epoch)
         self.transforms = transforms
         self.rng = np.random.default_rng(0)
+        self.epoch = 0
 
     @classmethod
     def from_config(cls, cfg: dict, *, path: str, root=None, transforms=None) -> "Mosaic":
@@ -86,7 +94,7 @@ class Mosaic(Dataset):
         if "size" not in cfg:
             raise ConfigError(f"{path}: 'Mosaic' needs the argument 'size'")
         inner = build_dataset_node(cfg.pop("dataset"), f"{path}.dataset", root=root, transforms=None)
-        allowed = ("size", "prob", "center_range", "min_visible", "pad_value")
+        allowed = ("size", "prob", "center_range", "min_visible", "pad_value", "until_epoch")
         for key in cfg:
             if key not in allowed:
                 from ..registry import closest
@@ -104,6 +112,9 @@ class Mosaic(Dataset):
     def set_seed(self, seed: int) -> None:
         self.rng = np.random.default_rng(int(seed))
 
+    def set_augment_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __getitem__(self, index: int):
         raw = self.get_raw(index)
         if self.transforms is not None:
@@ -112,7 +123,8 @@ class Mosaic(Dataset):
 
     def get_raw(self, index: int) -> dict:
         """A mosaic raw dict (with probability ``prob``) or the wrapped dataset's raw sample."""
-        if self.rng.random() >= self.prob:
+        closed = self.until_epoch is not None and self.epoch >= self.until_epoch
+        if closed or self.rng.random() >= self.prob:
             return self._inner_raw(index)
         others = self.rng.integers(0, len(self.dataset), size=3)
         return self.combine([self._inner_raw(index)] + [self._inner_raw(int(i)) for i in others])

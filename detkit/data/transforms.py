@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -27,7 +28,8 @@ import numpy as np
 
 from ..registry import TRANSFORMS, ConfigError, check_kwargs, closest
 
-__all__ = ["Pipeline", "build_pipeline", "build_transform", "ResizeShortestEdge", "Letterbox", "PadToMultiple"]
+__all__ = ["Pipeline", "build_pipeline", "build_transform", "until_epoch", "ResizeShortestEdge", "Letterbox",
+           "PadToMultiple"]
 
 
 def _resized_shape(h: int, w: int, scale: float) -> tuple[int, int]:
@@ -97,7 +99,8 @@ class ResizeShortestEdge(_Geometric):
         super().__init__(p=p)
         edges = [short_edge] if isinstance(short_edge, int) else list(short_edge)
         if not edges or any(not isinstance(e, int) or e <= 0 for e in edges):
-            raise ValueError(f"ResizeShortestEdge: short_edge must be a positive int or a list of them, got {short_edge!r}")
+            raise ValueError("ResizeShortestEdge: short_edge must be a positive int or a list of them, "
+                             f"got {short_edge!r}")
         self.short_edge = short_edge
         self.max_size = max_size
         self.interpolation = interpolation
@@ -136,7 +139,8 @@ class Letterbox(_Geometric):
             scale = min(scale, 1.0)
         nh, nw = min(_resized_shape(h, w, scale)[0], out_h), min(_resized_shape(h, w, scale)[1], out_w)
         top, left = ((out_h - nh) // 2, (out_w - nw) // 2) if self.center else (0, 0)
-        return {"nh": nh, "nw": nw, "top": top, "left": left, "out_h": out_h, "out_w": out_w, "shape_in": (h, w)}
+        return {"nh": nh, "nw": nw, "top": top, "left": left, "out_h": out_h, "out_w": out_w,
+                "shape_in": (h, w)}
 
 
 @TRANSFORMS.register()
@@ -163,19 +167,40 @@ class Pipeline:
 
     ``set_seed(seed)`` makes the random choices reproducible (the data loader calls it per
     sample). ``transforms`` is the list of albumentations / detkit transform objects.
+    ``until_epochs`` (one per transform, None = always) switches a transform off from that
+    training epoch on: D-FINE / DEIM's ``stop_epoch``, Ultralytics' ``close_mosaic``. The loader
+    calls ``set_augment_epoch(epoch)`` per sample; without it every transform runs.
     """
 
-    def __init__(self, transforms: list, *, seed: int = 0):
+    def __init__(self, transforms: list, *, seed: int = 0, until_epochs: list[int | None] | None = None):
         self.transforms = list(transforms)
-        self.compose = None
-        if self.transforms:
-            with warnings.catch_warnings():   # pixel-only pipelines need no box processor: fine
-                warnings.filterwarnings("ignore", message="Got processor for")
-                self.compose = self._compose(seed)
+        self.until_epochs = list(until_epochs) if until_epochs is not None else [None] * len(self.transforms)
+        if len(self.until_epochs) != len(self.transforms):
+            raise ValueError("Pipeline: until_epochs needs one entry per transform")
+        self._composes: dict[tuple[bool, ...], Any] = {}
+        self.compose = self._compose_for(tuple(True for _ in self.transforms), seed)
 
-    def _compose(self, seed: int):
+    def _compose_for(self, active: tuple[bool, ...], seed: int = 0):
+        """The (cached) ``A.Compose`` of the transforms flagged in ``active``; None when none is."""
+        if active not in self._composes:
+            chosen = [t for t, on in zip(self.transforms, active) if on]
+            compose = None
+            if chosen:
+                with warnings.catch_warnings():   # pixel-only pipelines need no box processor: fine
+                    warnings.filterwarnings("ignore", message="Got processor for")
+                    compose = self._compose(chosen, seed)
+            self._composes[active] = compose
+        return self._composes[active]
+
+    def set_augment_epoch(self, epoch: int) -> None:
+        """Run only the transforms whose ``until_epoch`` is unset or later than ``epoch``."""
+        active = tuple(u is None or int(epoch) < u for u in self.until_epochs)
+        self.compose = self._compose_for(active)
+
+    @staticmethod
+    def _compose(transforms: list, seed: int):
         return A.Compose(
-            self.transforms, seed=seed,
+            transforms, seed=seed,
             bbox_params=A.BboxParams(format="pascal_voc", label_fields=[_BOX_INDEX], clip=True,
                                      filter_invalid_bboxes=True),
             keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
@@ -231,7 +256,7 @@ def build_transform(cfg: dict, path: str):
     """One ``{type: Name, **kwargs}`` -> a transform object (detkit's registry first, then albumentations)."""
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise ConfigError(f"{path}: expected a mapping with a 'type' key, got {cfg!r}")
-    name, kwargs = cfg["type"], {k: v for k, v in cfg.items() if k != "type"}
+    name, kwargs = cfg["type"], {k: v for k, v in cfg.items() if k not in ("type", "until_epoch")}
     if name in TRANSFORMS:
         cls = TRANSFORMS.get(name, f"{path}.type")
     else:
@@ -242,6 +267,10 @@ def build_transform(cfg: dict, path: str):
                               f"transform ({', '.join(TRANSFORMS.names())}) or any albumentations transform")
         cls = album_cls
     if isinstance(kwargs.get("transforms"), list):   # OneOf / SomeOf / Sequential
+        for i, c in enumerate(kwargs["transforms"]):
+            if isinstance(c, dict) and "until_epoch" in c:
+                raise ConfigError(f"{path}.transforms.{i}.until_epoch: only a pipeline's own entries "
+                                  f"take until_epoch; put it on {path}")
         kwargs["transforms"] = [build_transform(c, f"{path}.transforms.{i}")
                                 for i, c in enumerate(kwargs["transforms"])]
     check_kwargs(cls, kwargs, path, str(name))
@@ -260,4 +289,16 @@ def build_pipeline(cfg: list | None, path: str = "pipeline", *, seed: int = 0) -
         cfg = []
     if not isinstance(cfg, (list, tuple)):
         raise ConfigError(f"{path}: expected a list of transforms, got {type(cfg).__name__}")
-    return Pipeline([build_transform(c, f"{path}.{i}") for i, c in enumerate(cfg)], seed=seed)
+    transforms = [build_transform(c, f"{path}.{i}") for i, c in enumerate(cfg)]
+    stops = [until_epoch(c, f"{path}.{i}") for i, c in enumerate(cfg)]
+    return Pipeline(transforms, seed=seed, until_epochs=stops)
+
+
+def until_epoch(cfg: dict, path: str) -> int | None:
+    """A pipeline entry's (or Mosaic's) ``until_epoch``: the first training epoch without it."""
+    value = cfg.get("until_epoch")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}.until_epoch: expected an epoch number >= 0, got {value!r}")
+    return value

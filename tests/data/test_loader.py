@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from detkit.data import build_dataloader, build_dataset, collate, shapes
 from detkit.data.loader import GroupedBatchSampler, InferenceSampler
-from torch.utils.data import DistributedSampler
 
 AUGMENT = [{"type": "ResizeShortestEdge", "short_edge": [48, 56, 64], "max_size": 200},
            {"type": "HorizontalFlip", "p": 0.5}, {"type": "RandomBrightnessContrast", "p": 0.8}]
@@ -19,13 +19,14 @@ def data_root(tmp_path_factory):
 
 
 def _split(batch_size=3, num_workers=0, **kw):
-    return {"dataset": {"type": "CocoDetection", "img_dir": "train", "ann_file": "annotations/instances_train.json"},
+    return {"dataset": {"type": "CocoDetection", "img_dir": "train",
+                        "ann_file": "annotations/instances_train.json"},
             "pipeline": AUGMENT, "batch_size": batch_size, "num_workers": num_workers, **kw}
 
 
 def _epoch(loader):
-    return [(tuple(t["image_id"] for t in targets), [im.clone() for im in images], [t["boxes"] for t in targets])
-            for images, targets in loader]
+    return [(tuple(t["image_id"] for t in targets), [im.clone() for im in images],
+             [t["boxes"] for t in targets]) for images, targets in loader]
 
 
 def _same(a, b):
@@ -98,11 +99,11 @@ def test_train_shards_have_equal_batch_counts():
 def test_aspect_ratio_grouping():
     groups = [0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1]
     batches = list(GroupedBatchSampler(range(11), 2, group_ids=groups))
-    indices = [[i for i, _ in b] for b in batches]
+    indices = [[item[0] for item in b] for b in batches]
     assert sorted(i for b in indices for i in b) == list(range(11)) and len(batches) == 6
     assert all(len({groups[i] for i in b}) == 1 for b in indices[:5])
     assert indices[0] == [0, 2] and indices[1] == [1, 3]
-    seeds = [s for b in batches for _, s in b]
+    seeds = [item[1] for b in batches for item in b]
     assert len(set(seeds)) == 11                     # every sample gets its own augmentation seed
     assert len(list(GroupedBatchSampler(range(11), 2, group_ids=groups, drop_last=True))) == 5
 
@@ -120,3 +121,39 @@ def test_distributed_loaders(data_root, monkeypatch):
         train_lengths.append(len(list(build_dataloader(_split(batch_size=2), ds, train=True))))
     assert sorted(val_ids) == list(range(1, 11))
     assert train_lengths == [2, 2, 2]                 # ceil(10 / 3) = 4 images each, batches of 2
+
+
+def _first_images(loader, epochs):
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        out.append(next(iter(loader))[0][0])
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_until_epoch_switches_augmentations_off(data_root, num_workers):
+    """``until_epoch`` on a pipeline entry and on Mosaic (D-FINE's stop_epoch, close_mosaic): on
+    before that epoch, off from it on, also in persistent workers that never see ``set_epoch``."""
+    coco = {"type": "CocoDetection", "img_dir": "train", "ann_file": "annotations/instances_train.json"}
+    loader_keys = {"batch_size": 5, "num_workers": num_workers, "persistent_workers": True, "shuffle": False}
+    plain = build_dataset({"dataset": coco, "pipeline": []}, root=str(data_root))[0][0]
+    split = {"dataset": coco, "pipeline": [{"type": "InvertImg", "p": 1.0, "until_epoch": 2}], **loader_keys}
+    loader = build_dataloader(split, build_dataset(split, root=str(data_root)), train=True, seed=0)
+    images = _first_images(loader, [0, 1, 2, 3])
+    assert all(torch.allclose(im, 1 - plain, atol=1e-6) for im in images[:2])   # images in [0, 1]
+    assert all(torch.equal(im, plain) for im in images[2:])
+    split = {"dataset": {"type": "Mosaic", "size": 96, "until_epoch": 1, "dataset": coco}, "pipeline": [],
+             **loader_keys}
+    loader = build_dataloader(split, build_dataset(split, root=str(data_root)), train=True, seed=0)
+    mosaic, after = _first_images(loader, [0, 1])
+    assert mosaic.shape[-2:] == (96, 96) != plain.shape[-2:] and torch.equal(after, plain)
+
+
+def test_until_epoch_errors():
+    from detkit.data.transforms import build_pipeline
+    from detkit.registry import ConfigError
+    with pytest.raises(ConfigError, match=r"pipeline\.0\.until_epoch"):
+        build_pipeline([{"type": "HorizontalFlip", "until_epoch": -1}])
+    with pytest.raises(ConfigError, match=r"transforms\.0\.until_epoch"):
+        build_pipeline([{"type": "OneOf", "transforms": [{"type": "HorizontalFlip", "until_epoch": 3}]}])
