@@ -35,6 +35,7 @@ import yaml
 from torch import Tensor, nn
 
 from .config import ConfigError, get_path, load_config, load_yaml
+from .engine.architecture import describe_checkpoint, describe_model
 from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 
 __all__ = ["Predictor", "CheckpointError", "InferencePipeline", "load_predictor_weights",
@@ -101,10 +102,12 @@ def apply_checkpoint(model: nn.Module, ckpt: dict, path: str | os.PathLike) -> d
                                   f"dict that does not convert to this model: {e}") from None
     elif not set(state) & set(own):
         sample = ", ".join(list(state)[:4])
-        raise CheckpointError(f"{path}: refused: none of its {len(state)} keys (e.g. {sample}) "
+        named = describe_checkpoint(ckpt)
+        held = f"holds {named}, the model is {describe_model(model)}; " if named else ""
+        raise CheckpointError(f"{path}: refused: {held}none of its {len(state)} keys (e.g. {sample}) "
                               f"belong to this model; a checkpoint of another model or framework?")
     else:
-        load_model_weights(model, state, source=str(path))
+        load_model_weights(model, state, source=str(path), architecture=describe_checkpoint(ckpt))
     meta = dict(ckpt["meta"]) if isinstance(ckpt.get("meta"), dict) else {}
     from .models.convert import apply_converted_meta
     apply_converted_meta(model, meta)

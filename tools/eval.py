@@ -104,7 +104,10 @@ def evaluate_model(args) -> tuple[dict, str]:
     _, loader, evaluator = built
     device = torch.device(args.device) if args.device else info.device
     model = build_model(cfg["model"]).to(device)
-    load_model_weights(model, inference_state_dict(ckpt), source=args.checkpoint)
+    from detkit.engine.architecture import describe_checkpoint
+
+    load_model_weights(model, inference_state_dict(ckpt), source=args.checkpoint,
+                       architecture=describe_checkpoint(ckpt))
     apply_converted_meta(model, ckpt.get("meta") or {})
     metrics = inference_on_loader(model, loader, evaluator, device)
     report = evaluator.report() if hasattr(evaluator, "report") else ""

@@ -236,15 +236,24 @@ INFERENCE_KEYS = ("config", "iter", "epoch", "best")   # kept beside the weights
 def inference_checkpoint(ckpt: dict, *, fp16: bool = False) -> dict:
     """The part of a checkpoint that inference needs (see the module doc): no optimizer,
     scheduler, scaler, RNG or sampler state, one set of weights. ``fp16`` stores floating-point
-    tensors as float16 (half the size; loading casts them back to the model's dtype)."""
+    tensors as float16 (half the size; loading casts them back to the model's dtype), except a
+    tensor with values beyond float16's range (65504), which stays as it is."""
     weights = _strip_prefix(dict(inference_state_dict(ckpt)))
     if fp16:
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+        weights = {k: _half_if_representable(v) for k, v in weights.items()}
     meta = dict(ckpt["meta"]) if isinstance(ckpt.get("meta"), dict) else {}
     has_ema = isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
     meta["weights"] = "ema" if has_ema else meta.get("weights", "model")
     meta["dtype"] = "float16" if fp16 else meta.get("dtype", "float32")
     return {"model": weights, "meta": meta, **{k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}}
+
+
+def _half_if_representable(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point() or tensor.dtype == torch.float16:
+        return tensor
+    if tensor.numel() and float(tensor.detach().abs().max()) > torch.finfo(torch.float16).max:
+        return tensor
+    return tensor.detach().half()
 
 
 def _strip_prefix(state: dict) -> dict:
@@ -256,13 +265,19 @@ def _strip_prefix(state: dict) -> dict:
 
 
 def load_model_weights(model: nn.Module, state: dict, *, source: str = "checkpoint",
-                       allow_mismatch: bool = False, log=print) -> dict[str, list]:
+                       allow_mismatch: bool = False, log=print,
+                       architecture: str | None = None) -> dict[str, list]:
     """Load ``state`` into ``model``, reporting keys whose shapes differ (e.g. another class count).
 
-    ``allow_mismatch=False``: any shape mismatch, missing or unexpected key is a CheckpointError
-    listing them. ``allow_mismatch=True`` (fine-tuning with ``load_from``): matching tensors are
-    loaded; mismatching layers keep the fresh initialisation of the newly built model and are
-    named through ``log``, as are missing/unexpected keys. Returns the three key lists.
+    ``allow_mismatch=False``: any shape mismatch, missing or unexpected key is a CheckpointError.
+    For a checkpoint of another model (``architecture``, the checkpoint's as
+    :func:`~detkit.engine.architecture.describe_checkpoint` names it, differs from the model's,
+    or fewer than half of the model's tensors fit) that error is one line naming both
+    architectures and the counts; otherwise it lists the keys. ``allow_mismatch=True``
+    (fine-tuning with ``load_from``): matching tensors are loaded, the others keep the fresh
+    initialisation and are named through ``log``; under half matched is one warning line, none
+    matched a CheckpointError. float16 weights are cast to the model's dtype. Returns the
+    three key lists.
     """
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: the weights are a {type(state).__name__}, not a state dict")
@@ -277,32 +292,66 @@ def load_model_weights(model: nn.Module, state: dict, *, source: str = "checkpoi
     loadable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    lines = [f"  {k}: {source} {list(a)} vs model {list(b)}" for k, a, b in mismatched]
-    if not allow_mismatch and (mismatched or missing or unexpected):
-        msg = [f"weights in {source} do not fit the model:"]
-        if mismatched:
-            msg += ["shape mismatch (a different num_classes?):", *lines]
-        if missing:
-            msg.append(f"missing in {source}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            more = " ..." if len(unexpected) > 20 else ""
-            msg.append(f"not in the model: {', '.join(unexpected[:20])}{more}")
-        if mismatched:
-            msg.append("to fine-tune on another class count, use train.load_from (mismatching "
-                       "layers are re-initialised)")
-        raise CheckpointError("\n".join(msg))
+    keys = {"mismatched": [k for k, _, _ in mismatched], "missing": missing, "unexpected": unexpected}
+    if not (mismatched or missing or unexpected):
+        model.load_state_dict(loadable)
+        return keys
+    from .architecture import describe_model
+
+    ours = describe_model(model)
+    foreign = (architecture is not None and architecture != ours) or 2 * len(loadable) < len(own)
+    counts = (f"{len(own) - len(loadable)} of the model's {len(own)} tensors do not match "
+              f"({len(missing)} missing, {len(mismatched)} with other shapes) and {len(unexpected)} "
+              f"of the file's {len(state)} are not in the model")
+    names = f"{source} holds {architecture or 'a model of unknown architecture (no stored config)'}, " \
+            f"the model is {ours}"
+    if not allow_mismatch:
+        if foreign:
+            raise CheckpointError(f"{names}: a checkpoint of another model; {counts}")
+        raise CheckpointError(_misfit_report(source, mismatched, missing, unexpected))
+    if not loadable:
+        raise CheckpointError(f"train.load_from: {names}: none of the model's {len(own)} tensors "
+                              f"match, a checkpoint of another model? ({counts})")
     model.load_state_dict(loadable, strict=False)
+    if 2 * len(loadable) < len(own):
+        log(f"WARNING: load_from {source}: only {len(loadable)} / {len(own)} model tensors matched "
+            f"({names}); the others keep their initialisation")
+    else:
+        _log_partial_load(source, mismatched, missing, unexpected, log)
+    return keys
+
+
+def _shape_lines(source: str, mismatched: list) -> list[str]:
+    return [f"  {k}: {source} {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+
+
+def _misfit_report(source: str, mismatched: list, missing: list, unexpected: list) -> str:
+    """The multi-line error of weights of the same model that do not fit (another class count)."""
+    msg = [f"weights in {source} do not fit the model:"]
+    if mismatched:
+        msg += ["shape mismatch (a different num_classes?):", *_shape_lines(source, mismatched)]
+    if missing:
+        msg.append(f"missing in {source}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        more = " ..." if len(unexpected) > 20 else ""
+        msg.append(f"not in the model: {', '.join(unexpected[:20])}{more}")
+    if mismatched:
+        msg.append("to fine-tune on another class count, use train.load_from (mismatching "
+                   "layers are re-initialised)")
+    return "\n".join(msg)
+
+
+def _log_partial_load(source: str, mismatched: list, missing: list, unexpected: list, log) -> None:
     if mismatched:
         layers = sorted({k.rsplit(".", 1)[0] for k, _, _ in mismatched})
         log(f"load_from {source}: re-initialised layers with mismatching shapes: {', '.join(layers)}\n"
-            + "\n".join(lines))
+            + "\n".join(_shape_lines(source, mismatched)))
     if missing:
         log(f"load_from {source}: {len(missing)} model keys not in the file (kept their "
             f"initialisation): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
     if unexpected:
         log(f"load_from {source}: {len(unexpected)} keys in the file ignored: "
             f"{', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
-    return {"mismatched": [k for k, _, _ in mismatched], "missing": missing, "unexpected": unexpected}
 
 
 def get_rng_state(model: nn.Module | None = None) -> dict:

@@ -122,6 +122,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str | os.PathLike, device: str | 
     Single process or under torchrun (call it on every rank). Returns the evaluator's dict.
     """
     from ..models import build_model
+    from .architecture import describe_checkpoint
     from .checkpoint import inference_state_dict, load_checkpoint, load_model_weights
 
     built = build_val(cfg)
@@ -130,6 +131,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str | os.PathLike, device: str | 
     _, loader, evaluator = built
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(cfg["model"]).to(dev)
-    load_model_weights(model, inference_state_dict(load_checkpoint(checkpoint)),
-                       source=str(Path(checkpoint)))
+    ckpt = load_checkpoint(checkpoint)
+    load_model_weights(model, inference_state_dict(ckpt), source=str(Path(checkpoint)),
+                       architecture=describe_checkpoint(ckpt))
     return inference_on_loader(model, loader, evaluator, dev)

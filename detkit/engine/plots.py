@@ -99,6 +99,7 @@ def _val_pass(cfg: dict, checkpoint: Path, device: torch.device, max_images: int
     from ..data import build_dataloader, build_dataset
     from ..evaluation.confusion import DetectionConfusionMatrix
     from ..models import build_model
+    from .architecture import describe_checkpoint
     from .checkpoint import inference_state_dict, load_checkpoint, load_model_weights
 
     data = cfg.get("data") or {}
@@ -108,7 +109,8 @@ def _val_pass(cfg: dict, checkpoint: Path, device: torch.device, max_images: int
     loader = build_dataloader(data["val"], dataset, train=False, seed=0)
     ckpt = load_checkpoint(checkpoint)
     model = build_model(cfg["model"]).to(device).eval()
-    load_model_weights(model, inference_state_dict(ckpt), source=str(checkpoint))
+    load_model_weights(model, inference_state_dict(ckpt), source=str(checkpoint),
+                       architecture=describe_checkpoint(ckpt))
     leaf = (_leaves(dataset) or [dataset])[0]
     stored = (ckpt.get("meta") or {}).get("class_names", [])
     names = [str(n) for n in getattr(leaf, "class_names", None) or stored]

@@ -37,7 +37,9 @@ TRAIN_DEFAULTS: dict = {
     "find_unused_parameters": False,
     "log_interval": 20,
     "eval_interval": 1,
-    "checkpoint": {"interval": 1, "keep": 1, "best_metric": "bbox/AP"},
+    # fp16_inference: best.pth / final.pth hold float16 weights (half the size; last.pth and
+    # iter_N.pth, which resume reads, stay exact)
+    "checkpoint": {"interval": 1, "keep": 1, "best_metric": "bbox/AP", "fp16_inference": True},
     "load_from": None,
     "early_stop": None,
     "max_time": None,

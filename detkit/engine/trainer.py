@@ -13,6 +13,7 @@ stop, each the same way (last.pth, final evaluation, final.pth); a SIGTERM saves
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from pathlib import Path
 from typing import Callable
@@ -402,5 +403,12 @@ def train(cfg: dict, work_dir: str | Path, resume: bool | str | Path = False,
 
     ``stop_after``: leave after this many iterations of this call (saving ``last.pth``), e.g. to
     fit a time-limited job; ``resume=True`` continues exactly where it stopped.
+
+    A null (or absent) ``model.num_classes`` is taken from the data and a set one is checked
+    against it, as ``tools/train.py`` does (:func:`detkit.data.classes.resolve_num_classes`), on a
+    copy: ``cfg`` itself is not changed.
     """
+    from ..data.classes import resolve_num_classes
+
+    cfg = resolve_num_classes(copy.deepcopy(cfg))
     return Trainer(cfg, work_dir, resume=resume, deterministic=deterministic).train(stop_after)

@@ -12,6 +12,7 @@ import torch
 from .. import __version__
 from ..config import dump_config
 from . import checkpoint as ckpt_io
+from .architecture import describe_checkpoint
 from .dist import all_gather_object, barrier, broadcast_object
 from .ema import ModelEMA
 from .eval_state import EvalTracker
@@ -106,7 +107,8 @@ class TrainerState:
                                              int(self.settings["checkpoint"]["keep"]))
             lean = [self.work_dir / "best.pth"] if best else [self.work_dir / "final.pth"] if final else []
             if lean:
-                ckpt_io.save_checkpoint(ckpt_io.inference_checkpoint(state), lean)
+                fp16 = bool(self.settings["checkpoint"]["fp16_inference"])
+                ckpt_io.save_checkpoint(ckpt_io.inference_checkpoint(state, fp16=fp16), lean)
             if best and final:
                 ckpt_io.link_or_copy(self.work_dir / "best.pth", self.work_dir / "final.pth")
         if last:
@@ -116,7 +118,8 @@ class TrainerState:
     def _load_pretrained(self, path: str) -> None:
         ckpt = ckpt_io.load_checkpoint(path)
         ckpt_io.load_model_weights(self.model, ckpt_io.inference_state_dict(ckpt), source=str(path),
-                                   allow_mismatch=True, log=self._log)
+                                   allow_mismatch=True, log=self._log,
+                                   architecture=describe_checkpoint(ckpt))
 
     def _load_eval_state(self, ckpt: dict, source: str) -> None:
         """Best metric and early-stop state: from eval_state.json when the evaluation after this
@@ -152,7 +155,8 @@ class TrainerState:
         return path, (found[1] if found else ckpt_io.load_checkpoint(path))
 
     def load_state_dict(self, ckpt: dict, source: str = "checkpoint") -> None:
-        ckpt_io.load_model_weights(self.model, ckpt["model"], source=source)
+        ckpt_io.load_model_weights(self.model, ckpt["model"], source=source,
+                                   architecture=describe_checkpoint(ckpt))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):

@@ -24,10 +24,12 @@ def _strip_tool():
 
 @pytest.fixture(scope="module")
 def run(shapes_root, tmp_path_factory):
-    """Two iterations of the YOLOv3-tiny shapes config, SGD with momentum, EMA off."""
+    """Two iterations of the YOLOv3-tiny shapes config, SGD with momentum, EMA off; float32
+    best.pth (the float16 default is tests/engine/test_fp16_checkpoints.py's)."""
     work = tmp_path_factory.mktemp("lean")
     cfg = base_config(shapes_root, iters=2, eval_interval=2,
-                      checkpoint={"interval": 2, "keep": 1, "best_metric": "bbox/AP"})
+                      checkpoint={"interval": 2, "keep": 1, "best_metric": "bbox/AP",
+                                  "fp16_inference": False})
     assert cfg["train"]["optimizer"]["momentum"] > 0 and not cfg["train"]["ema"]["enabled"]
     train(cfg, work)
     return cfg, work
