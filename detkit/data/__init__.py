@@ -42,7 +42,8 @@ def _import_extensions() -> None:
         try:
             module = importlib.import_module(f"{__name__}.{info.name}")
         except Exception as e:   # a broken extension must not take the core datasets down with it
-            warnings.warn(f"detkit.data: could not import {info.name}.py ({type(e).__name__}: {e})")
+            warnings.warn(f"detkit.data: could not import {info.name}.py ({type(e).__name__}: {e})",
+                          stacklevel=2)
             continue
         for name in getattr(module, "__all__", []):
             globals()[name] = getattr(module, name)

@@ -68,7 +68,8 @@ def test_sparse_ids_crowd_and_empty(tmp_path):
     ys, xs = torch.nonzero(red, as_tuple=True)
     assert xs.min() >= 3 and xs.max() < 9 and ys.min() >= 2 and ys.max() < 6
     _, empty = ds[2]
-    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,) and empty["labels"].dtype == torch.int64
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+    assert empty["labels"].dtype == torch.int64
     # Image 5: the zero-width and NaN boxes are dropped, the crowd box stays.
     _, t5 = ds[0]
     assert t5["boxes"].tolist() == [[1.0, 2.0, 4.0, 6.0]] and t5["iscrowd"].tolist() == [True]
@@ -134,7 +135,8 @@ def test_build_dataset_from_config(tmp_path):
     torch.testing.assert_close(target["scale"], torch.tensor([2.0, 2.0]))
     torch.testing.assert_close(target["boxes"][0], torch.tensor([6., 4., 18., 12.]))
     with pytest.raises(ConfigError, match="num_clases|ann_fil"):
-        build_dataset({"dataset": {"type": "CocoDetection", "img_dir": "imgs", "ann_fil": "x"}}, root=str(root))
+        build_dataset({"dataset": {"type": "CocoDetection", "img_dir": "imgs", "ann_fil": "x"}},
+                      root=str(root))
     with pytest.raises(ConfigError, match="CocoDetection"):
         build_dataset({"dataset": {"type": "CocoDetectoin", "img_dir": "imgs", "ann_file": "x"}})
     with pytest.raises(ConfigError, match="batch_size"):

@@ -72,7 +72,8 @@ def test_exif_orientation_matches_pil_and_opencv(tmp_path, orientation):
     assert out.shape == reference.shape
     assert np.abs(out.astype(int) - reference.astype(int)).mean() < 4   # two JPEG decoders
     # OpenCV's own EXIF handling (IMREAD_COLOR) decodes with the same library: equal pixels.
-    np.testing.assert_array_equal(out, cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+    expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(out, expected)
     assert image_size(path) == out.shape[:2]
 
 

@@ -46,9 +46,12 @@ def test_combine_places_tiles_and_moves_boxes_by_hand():
                                 [20, 40, 36, 50],    # 4x10 of 16x10 visible (25% < 30%): dropped
                                 [0, 0, 34, 34]],     # crowd: 2x2 visible, kept as [0, 0, 2, 2]
                     (255, 0, 0), iscrowd=[0, 0, 0, 0, 1])
-    tr = raw_sample(8, 64, 64, [[5, 40, 15, 60]], (0, 255, 0))       # TR shows x 0..32, y 32..64 -> [37, 8, 47, 28]
-    bl = raw_sample(9, 64, 64, [[50, 2, 60, 12]], (0, 0, 255))       # BL shows x 32..64, y 0..32 -> [18, 34, 28, 44]
-    br = raw_sample(10, 32, 16, [[2, 2, 6, 10]], (255, 255, 0))      # 32x16 -> resized 2x to 64x32 -> [36, 36, 44, 52]
+    # TR shows x 0..32, y 32..64 -> [37, 8, 47, 28]
+    tr = raw_sample(8, 64, 64, [[5, 40, 15, 60]], (0, 255, 0))
+    # BL shows x 32..64, y 0..32 -> [18, 34, 28, 44]
+    bl = raw_sample(9, 64, 64, [[50, 2, 60, 12]], (0, 0, 255))
+    # 32x16 -> resized 2x to 64x32 -> [36, 36, 44, 52]
+    br = raw_sample(10, 32, 16, [[2, 2, 6, 10]], (255, 255, 0))
     m = Mosaic(FakeDataset([tl]), size=64, center_range=(0.5, 0.5), pad_value=114)
     out = m.combine([tl, tr, bl, br])
     expected = [[8, 8, 18, 18], [0, 0, 16, 16], [0, 0, 2, 2], [37, 8, 47, 28], [18, 34, 28, 44],
@@ -163,5 +166,6 @@ def test_config_errors(shapes_root):
         build_dataset({"dataset": {"type": "Mosaic", "dataset": inner, "size": 64, "probb": 1}},
                       root=str(shapes_root), path="data.train")
     with pytest.raises(ConfigError, match="center_range"):
-        build_dataset({"dataset": {"type": "Mosaic", "dataset": inner, "size": 64, "center_range": [0.8, 0.2]}},
+        build_dataset({"dataset": {"type": "Mosaic", "dataset": inner, "size": 64,
+                                   "center_range": [0.8, 0.2]}},
                       root=str(shapes_root), path="data.train")

@@ -40,7 +40,8 @@ def test_same_seed_same_bytes_and_other_seed_differs(tiny, tmp_path):
     for rel in files:
         assert (tiny / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
     shapes.generate(tmp_path / "other", num_train=8, num_val=3, size=96, seed=6)
-    assert (tmp_path / "other" / "train" / "000000.png").read_bytes() != (tiny / "train" / "000000.png").read_bytes()
+    other = (tmp_path / "other" / "train" / "000000.png").read_bytes()
+    assert other != (tiny / "train" / "000000.png").read_bytes()
 
 
 def test_regenerating_fewer_images_removes_stale_files(tmp_path):

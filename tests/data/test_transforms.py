@@ -35,7 +35,8 @@ PIPELINES = {
     "resize_cap": [{"type": "ResizeShortestEdge", "short_edge": [50, 70], "max_size": 80}],
     "letterbox": [{"type": "Letterbox", "size": [64, 64]}],
     "flip_pad": [{"type": "HorizontalFlip", "p": 1.0}, {"type": "PadToMultiple", "divisor": 32}],
-    "vflip_letterbox": [{"type": "VerticalFlip", "p": 1.0}, {"type": "Letterbox", "size": 100, "pad_value": 0}],
+    "vflip_letterbox": [{"type": "VerticalFlip", "p": 1.0},
+                        {"type": "Letterbox", "size": 100, "pad_value": 0}],
     "affine": [{"type": "Affine", "scale": [0.8, 1.2], "translate_px": [-5, 5], "p": 1.0}],
     "crop_resize": [{"type": "RandomSizedBBoxSafeCrop", "height": 48, "width": 64, "p": 1.0}],
 }
@@ -96,8 +97,8 @@ def test_resize_shortest_edge_sizes():
 
 def test_scales_compose_with_a_previous_transform():
     raw = dict(_raw(60, 90), scale=(0.5, 0.5), offset=(2.0, 3.0))   # e.g. set by a mosaic wrapper
-    out = build_pipeline([{"type": "PadToMultiple", "divisor": 64}, {"type": "ResizeShortestEdge",
-                                                                      "short_edge": 128, "max_size": 1000}])(raw)
+    out = build_pipeline([{"type": "PadToMultiple", "divisor": 64},
+                          {"type": "ResizeShortestEdge", "short_edge": 128, "max_size": 1000}])(raw)
     assert out["image"].shape[:2] == (128, 256)          # 60x90 -> pad 64x128 -> x2
     assert out["scale"] == pytest.approx((1.0, 1.0)) and out["offset"] == pytest.approx((4.0, 6.0))
 

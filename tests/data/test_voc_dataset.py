@@ -13,7 +13,8 @@ def _xml(width, height, objects, with_size=True):
     objs = "".join(
         f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
         f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b, d in objects)
-    size = f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>" if with_size else ""
+    size = (f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+            if with_size else "")
     return f"<annotation><filename>x.jpg</filename>{size}{objs}</annotation>"
 
 

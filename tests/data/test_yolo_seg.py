@@ -16,7 +16,8 @@ def yolo_root(tmp_path):
     cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((20, 40, 3), np.uint8))
     cv2.imwrite(str(tmp_path / "images" / "b.jpg"), np.zeros((10, 10, 3), np.uint8))   # no label file
     # cx cy w h normalised: box x 10..30 (of 40), y 5..15 (of 20); a polygon line; a box over the edge.
-    (tmp_path / "labels" / "a.txt").write_text("1 0.5 0.5 0.5 0.5\n\n0 0.1 0.1 0.2 0.1 0.2 0.3\n1 0.95 0.5 0.2 0.2\n")
+    (tmp_path / "labels" / "a.txt").write_text(
+        "1 0.5 0.5 0.5 0.5\n\n0 0.1 0.1 0.2 0.1 0.2 0.3\n1 0.95 0.5 0.2 0.2\n")
     (tmp_path / "labels" / "c.txt").write_text("0 0.5 0.5 0.1 0.1\n")                 # no image
     return tmp_path
 
@@ -78,7 +79,8 @@ def test_semantic_seg_palette_masks(tmp_path):
     cv2.imwrite(str(tmp_path / "JPEGImages" / "x.jpg"), np.zeros((12, 16, 3), np.uint8))
     _palette_png(tmp_path / "SegmentationClass" / "x.png", mask)
     (tmp_path / "train.txt").write_text("x\n")
-    split = {"dataset": {"type": "SemanticSegDataset", "img_dir": "JPEGImages", "mask_dir": "SegmentationClass",
+    split = {"dataset": {"type": "SemanticSegDataset", "img_dir": "JPEGImages",
+                         "mask_dir": "SegmentationClass",
                          "class_names": ["background", "a", "b"], "split_file": "train.txt"},
              "pipeline": [{"type": "Letterbox", "size": 32}], "batch_size": 1}
     ds = build_dataset(split, root=str(tmp_path))
@@ -101,4 +103,5 @@ def test_semantic_seg_on_shapes_masks(tmp_path):
     ds = SemanticSegDataset("train", "masks/train", ["background", *shapes.CLASS_NAMES], root=str(tmp_path))
     assert len(ds) == 2 and ds.seg_class_names[1] == "circle"
     image, target = ds[0]
-    assert image.shape == (3, 64, 64) and set(torch.unique(target["sem_seg"]).tolist()) <= {0, 1, 2, 3, 4, 255}
+    assert image.shape == (3, 64, 64)
+    assert set(torch.unique(target["sem_seg"]).tolist()) <= {0, 1, 2, 3, 4, 255}
