@@ -140,3 +140,33 @@ def test_shapes_config_trains_three_iterations(tmp_path):
     totals = [rec["loss"] for rec in logged if "loss" in rec]
     assert len(totals) == 3 and all(math.isfinite(v) and v > 0 for v in totals), logged
     assert any("bbox/AP" in rec for rec in logged)          # the final evaluation ran
+
+
+def test_fixed_size_onnx_export_equals_pytorch(tmp_path):
+    """ViT + projector + LWDETRHead exported at a fixed size (the ViT's position embeddings are
+    traced at that size; ``--dynamic`` does not work for the ViT yet) and run by onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    from detkit.deploy.check import sample_images
+    from detkit.deploy.export import export_onnx
+    from detkit.deploy.runtime import DeployedModel
+
+    cfg = detkit.load_config(CONFIGS / "rfdetr_nano_shapes.yaml")["model"]
+    cfg["backbone"].update(embed_dim=64, depth=2, num_heads=2, out_indices=[1, 2], window_block_indices=[0])
+    cfg["neck"].update(in_features=["stage1", "stage2"], out_channels=32)
+    cfg["head"].update(hidden_dim=32, num_queries=30, ffn_dim=64, num_cross_heads=4, num_heads=4,
+                       num_top_queries=40, criterion=None)
+    torch.manual_seed(0)
+    model = detkit.build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    export_onnx(model, tmp_path / "rfdetr.onnx", 128, 128)
+    deployed = DeployedModel(tmp_path / "rfdetr.onnx", backend="onnxruntime")
+    images = [sample_images(1, 128, 128, seed=s)[0] for s in (3, 4)]
+    with torch.no_grad():
+        reference = model(images)
+    got = deployed(images)
+    for g, r in zip(got, reference):
+        assert len(g["scores"]) == 40 and torch.equal(g["labels"], r["labels"])
+        torch.testing.assert_close(g["scores"], r["scores"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(g["boxes"], r["boxes"], atol=0.01, rtol=0)
