@@ -55,11 +55,18 @@ class Trainer(TrainerState):
 
     ``resume``: False (fresh start), True (latest readable checkpoint of ``work_dir``, falling
     back to older ones; fresh start when there is none) or a checkpoint path.
+
+    A null (or absent) ``model.num_classes`` is taken from the data and a set one is checked
+    against it, as ``tools/train.py`` does (:func:`detkit.data.classes.resolve_num_classes`), on a
+    copy: ``cfg`` itself is not changed.
     """
 
     def __init__(self, cfg: dict, work_dir: str | Path, *, resume: bool | str | Path = False,
                  deterministic: bool = False):
-        self.cfg, self.work_dir = cfg, Path(work_dir)
+        from ..data.classes import resolve_num_classes
+
+        self.cfg = cfg = resolve_num_classes(copy.deepcopy(cfg))
+        self.work_dir = Path(work_dir)
         self.dist = init_distributed(**dist_settings(cfg))
         self.device = self.dist.device
         s = self.settings = train_settings(cfg)
@@ -404,11 +411,6 @@ def train(cfg: dict, work_dir: str | Path, resume: bool | str | Path = False,
     ``stop_after``: leave after this many iterations of this call (saving ``last.pth``), e.g. to
     fit a time-limited job; ``resume=True`` continues exactly where it stopped.
 
-    A null (or absent) ``model.num_classes`` is taken from the data and a set one is checked
-    against it, as ``tools/train.py`` does (:func:`detkit.data.classes.resolve_num_classes`), on a
-    copy: ``cfg`` itself is not changed.
+    A null (or absent) ``model.num_classes`` is taken from the data (see :class:`Trainer`).
     """
-    from ..data.classes import resolve_num_classes
-
-    cfg = resolve_num_classes(copy.deepcopy(cfg))
     return Trainer(cfg, work_dir, resume=resume, deterministic=deterministic).train(stop_after)
