@@ -190,3 +190,38 @@ def test_training_outputs_and_loss_equal_transformers(converted):
         expected.update({f"_aux_{i}": ref.loss_dict[f"{theirs_key}_{i}"] for i in range(layers - 1)})
         for suffix, value in expected.items():
             torch.testing.assert_close(ours[f"loss_{term}{suffix}"], weight * value, atol=1e-5, rtol=1e-4)
+
+
+def test_in_memory_transformers_names_convert_like_the_saved_folder(converted):
+    """``save_pretrained`` writes RF-DETR's original key names; the in-memory state dict has
+    transformers' (``model.decoder.layers.0.self_attn.q_proj`` ...): both give the same tensors."""
+    from detkit.models.convert.hf_lwdetr import convert_lwdetr_state_dict
+    from detkit.models.convert.transformers import HFConfig
+
+    hf_model, model, _, _ = converted
+    config = HFConfig(hf_model.config.to_dict())
+    ours = convert_lwdetr_state_dict(hf_model.state_dict(), config)
+    expected = model.state_dict()
+    def names(keys):
+        return {k for k in keys if not k.endswith("num_batches_tracked")}
+
+    assert names(ours) == names(expected)
+    for key in names(ours):
+        torch.testing.assert_close(ours[key], expected[key], atol=0, rtol=0)
+
+
+def test_head_converter_is_strict():
+    from detkit.models.convert.hf_lwdetr import convert_lwdetr_head
+    from detkit.models.convert.transformers import HFConfig
+
+    hf_model = _model("lwdetr_p4_q15")
+    config = HFConfig(hf_model.config.to_dict())
+    state = dict(hf_model.state_dict())
+    assert len(convert_lwdetr_head(state, config)) > 0
+    with pytest.raises(ValueError, match="unexpected decoder keys.*model.decoder.extra"):
+        convert_lwdetr_head({**state, "model.decoder.extra.weight": torch.zeros(1)}, config)
+    missing = {k: v for k, v in state.items() if not k.startswith("model.enc_output_norm.1.")}
+    with pytest.raises(ValueError, match="no tensors for.*enc_output_norm.1"):
+        convert_lwdetr_head(missing, config)
+    with pytest.raises(ValueError, match="do not fit"):
+        convert_lwdetr_head(state, HFConfig({**config, "group_detr": 1}))
