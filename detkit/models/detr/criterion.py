@@ -12,13 +12,13 @@ Output sets and their key suffixes: the last decoder layer (no suffix), ``aux_ou
 positive query of target n is ``dn_positive_idx[b][g * N + n]``), so denoising is not matched
 and its terms are divided by ``num_boxes * dn_num_group``.
 
-Terms: the class loss (``loss_vfl``, ``loss_focal`` or DEIM's ``loss_mal``), ``loss_bbox`` (L1),
-``loss_giou``, and on sets with ``pred_corners`` (D-FINE) ``loss_fgl`` and, on sets with
-``teacher_corners``, ``loss_ddf``. The detkit trainer sums every ``loss_*`` key, so by default
-the per-layer keys are summed per term and per kind of set (``loss_vfl``, ``loss_vfl_aux``,
-``loss_vfl_enc``, ``loss_vfl_pre``, ``loss_vfl_dn``, ``loss_vfl_dn_pre``: at most 30 keys for
-D-FINE instead of ~70); ``per_layer_keys=True`` keeps one key per layer, as the original code
-and transformers name them. The total is the same.
+Terms: the class loss (``loss_vfl``, ``loss_focal``, DEIM's ``loss_mal`` or LW-DETR's
+``loss_iabce``), ``loss_bbox`` (L1), ``loss_giou``, and on sets with ``pred_corners`` (D-FINE)
+``loss_fgl`` and, on sets with ``teacher_corners``, ``loss_ddf``. The detkit trainer sums every
+``loss_*`` key, so by default the per-layer keys are summed per term and per kind of set
+(``loss_vfl``, ``loss_vfl_aux``, ``loss_vfl_enc``, ``loss_vfl_pre``, ``loss_vfl_dn``,
+``loss_vfl_dn_pre``: at most 30 keys for D-FINE instead of ~70); ``per_layer_keys=True`` keeps one
+key per layer, as the original code and transformers name them. The total is the same.
 
 ``union_matching`` is D-FINE's / DEIM's "GO" matching (transformers' ``use_dense_one_to_one``):
 the box and FGL/DDF terms of every decoder layer, the pre-bbox head and the encoder use the union
