@@ -6,7 +6,8 @@
 
 ``--from-transformers``: a Hugging Face model folder (``config.json``, ``model.safetensors`` or
 ``pytorch_model.bin``, ``preprocessor_config.json``) of ``RTDetrForObjectDetection``,
-``RTDetrV2ForObjectDetection`` or ``DFineForObjectDetection``; the detkit config is built from
+``RTDetrV2ForObjectDetection``, ``DFineForObjectDetection``, ``LwDetrForObjectDetection`` or
+``RfDetrForObjectDetection``; the detkit config is built from
 ``config.json`` and stored in the checkpoint (``detkit.models.convert.from_transformers``).
 
 torchvision (``{"model": state_dict}``):

@@ -2,7 +2,8 @@
 
 A folder as the Hub serves it (``config.json``, ``model.safetensors`` or ``pytorch_model.bin``,
 optionally ``preprocessor_config.json``) of ``RTDetrForObjectDetection``,
-``RTDetrV2ForObjectDetection`` or ``DFineForObjectDetection`` becomes::
+``RTDetrV2ForObjectDetection``, ``DFineForObjectDetection``, ``LwDetrForObjectDetection`` or
+``RfDetrForObjectDetection`` becomes::
 
     {"model": detkit state dict, "config": resolved detkit YAML, "meta": {class_names, ...}}
 
@@ -13,7 +14,9 @@ names from ``id2label``. transformers itself is not needed: fields a ``config.js
 take the defaults of :mod:`.hf_defaults`.
 
 Parts: :mod:`.hf_backbones` converts the backbone (ResNet-vd, HGNetv2) and the hybrid encoder,
-:mod:`.hf_detr` the decoder head; this module reads the folder and puts them together.
+:mod:`.hf_detr` the decoder head; LW-DETR / RF-DETR take their ViT and projector from
+:mod:`.hf_vit` and their ``LWDETRHead`` from :mod:`.hf_lwdetr` (which read both transformers' and
+the original RF-DETR key names). This module reads the folder and puts them together.
 """
 
 from __future__ import annotations
