@@ -75,7 +75,10 @@ class LWDETRHead(nn.Module):
             raise ValueError(f"num_levels {num_levels} != the {len(names)} input levels {names}")
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
-        self.in_features, self.first_stride = names, input_shapes[names[0]].stride
+        self.in_features = names
+        # the padded input size comes from the finest level (a 0.5-scale level rounds its size up)
+        self.size_level = min(names, key=lambda n: input_shapes[n].stride)
+        self.size_stride = input_shapes[self.size_level].stride
         self.num_classes, self.num_queries, self.num_groups = num_classes, num_queries, num_groups
         self.num_top_queries = num_top_queries
         self.query_feat = nn.Embedding(num_groups * num_queries, hidden_dim)
@@ -133,7 +136,7 @@ class LWDETRHead(nn.Module):
     def forward(self, features: dict[str, Tensor], targets: list[dict] | None = None) -> dict:
         """features: the projector's levels; targets: unused (no denoising queries in LW-DETR).
         Returns the raw-output dict."""
-        first = features[self.in_features[0]]
+        finest = features[self.size_level]
         memory, shapes = flatten_levels([features[n] for n in self.in_features])
         groups = self.num_groups if self.training else 1
         selected = self.query_selection(memory, shapes, groups)
@@ -147,8 +150,8 @@ class LWDETRHead(nn.Module):
         encoder = {"pred_logits": selected["logits"], "pred_boxes": selected["boxes"]}
         outputs = assemble_outputs(layers, encoder)
         outputs["num_groups"] = groups
-        height, width = first.shape[-2:]
-        outputs["image_size"] = (height * self.first_stride, width * self.first_stride)
+        height, width = finest.shape[-2:]
+        outputs["image_size"] = (height * self.size_stride, width * self.size_stride)
         return outputs
 
     def loss(self, outputs: dict, targets: list[dict],
