@@ -5,7 +5,8 @@
         [--score-thr 0.3] [--batch-size 4] [--device cpu|cuda] [--amp] [--coco-gt ANN.json]
         [--no-draw] [--slice S [--slice-overlap F] [--slice-merge nms|wbf] [--no-full-image]
          [--full-image-size N]]
-        [--backend pytorch|onnxruntime|openvino] [--threads N] [--set key=value ...]
+        [--backend pytorch|onnxruntime|openvino] [--threads N] [--nms-iou 0.5|off] [--set key=value ...]
+    python tools/infer.py CHECKPOINT --source 0 --out DIR      (webcam 0 until Ctrl-C; or INPUT 0)
 
 CONFIG is optional: a checkpoint of ``tools/train.py`` (and an export) holds its resolved config.
 CHECKPOINT may also be a model exported by ``tools/export.py`` (``model.onnx``): it then runs with
@@ -14,7 +15,9 @@ pre-processing, mapping back and outputs are the same as with the checkpoint; ``
 uses ONNX Runtime's CUDA provider when installed (else the CPU, with a warning).
 
 INPUT is an image file, a folder (searched recursively for image extensions), a glob such as
-``"photos/**/*.jpg"`` (quote it), or a video file (an annotated copy is written). Writes to
+``"photos/**/*.jpg"`` (quote it), a video file (an annotated copy is written) or a camera index
+(``0``, also as ``--source 0``; read with OpenCV until it stops or Ctrl-C, written as
+``camera0.mp4``; no camera that opens is exit code 2). Writes to
 ``--out``: one annotated image per input (same relative path as under its folder), for
 segmentors the class map as ``masks/<name>.png`` (in the dataset's own mask values, e.g. 0 / 7 /
 26 for ``classes: {0: background, 7: road, 26: car}``; overlays carry a legend), and
@@ -25,6 +28,12 @@ in original-image pixels (``file_name`` relative to its input folder, ``path`` a
 detections also carry ``frame``). With ``--coco-gt`` the image ids
 and category ids are those of that annotation file (matched by file name), so the json can be
 scored by ``tools/eval.py --coco-gt ANN.json --coco-dt predictions.json``.
+
+CenterNet predicts without NMS (as its paper); on photos that draws duplicate boxes, so the
+drawings of a CenterNet whose ``model.head.nms_iou_thresh`` is null get a class-wise NMS at
+``--nms-iou`` (default 0.5; on shapes it changes AP by < 0.001, README "CenterNet"), with the
+checkpoint or an export alike; ``--nms-iou off`` draws every box. ``predictions.json`` keeps the
+model's own output, so that it scores as ``tools/eval.py`` does.
 
 ``--slice S`` predicts each image as overlapping S x S tiles (``--slice-overlap``, default 0.2)
 plus, unless ``--no-full-image``, one pass over the whole image, merged by ``--slice-merge``
@@ -70,6 +79,7 @@ class Item:
     path: Path
     name: str          # output-relative name (relative path under its folder, or the file name)
     video: bool = False
+    camera: int | None = None   # an OpenCV camera index (a webcam) instead of a file
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -84,7 +94,9 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Item], list[tuple[str, str]]]
 
     for text in inputs:
         path = Path(text)
-        if path.is_dir():
+        if text.isdigit() and not path.exists():   # "0": a camera, as OpenCV numbers them
+            items.append(Item(path, f"camera{int(text)}.mp4", video=True, camera=int(text)))
+        elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
             if not files:
                 missing.append((text, "folder has no image files"))
@@ -121,8 +133,9 @@ def unique_output_names(items: list[Item]) -> list[str]:
 class ResultWriter:
     """Collects COCO-style records and writes annotated images / masks under ``out_dir``."""
 
-    def __init__(self, out_dir: Path, predictor: Predictor, gt_file: str | None, draw: bool):
-        self.out_dir, self.predictor, self.draw = out_dir, predictor, draw
+    def __init__(self, out_dir: Path, predictor: Predictor, gt_file: str | None, draw: bool,
+                 nms_iou: float | None = None):
+        self.out_dir, self.predictor, self.draw, self.nms_iou = out_dir, predictor, draw, nms_iou
         self.records: list[dict] = []
         self.num_detections = 0
         self.file_to_id, self.cat_ids = self._ids_from_gt(gt_file)
@@ -178,6 +191,8 @@ class ResultWriter:
         self.num_detections += len(xyxy)
 
     def annotate(self, image: np.ndarray, result: dict) -> np.ndarray:
+        if self.nms_iou is not None and "boxes" in result:
+            result = classwise_nms(result, self.nms_iou)
         drawn = draw_result(image, result, self.predictor.class_names, seg_skip_labels=self.seg_skip)
         return self.seg.legend(drawn, result["sem_seg"]) if result.get("sem_seg") is not None else drawn
 
@@ -240,8 +255,11 @@ def run_images(items, names, predictor: Predictor, writer: ResultWriter, batch_s
 def run_video(item: Item, out_name: str, predictor: Predictor, writer: ResultWriter,
               batch_size: int) -> int:
     """Annotate every frame of a video into ``out/<name>.mp4``; returns the number of frames."""
-    cap = cv2.VideoCapture(str(item.path))
+    cap = cv2.VideoCapture(item.camera if item.camera is not None else str(item.path))
     if not cap.isOpened():
+        if item.camera is not None:   # bad input of the user's (exit 2), not one skipped file
+            raise DetkitError(f"cannot open camera {item.camera} with OpenCV (no such camera, no "
+                              f"permission, or another program uses it)")
         raise ValueError(f"cannot open video {item.path}")
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
@@ -252,7 +270,10 @@ def run_video(item: Item, out_name: str, predictor: Predictor, writer: ResultWri
     bar = tqdm(total=total, desc=item.path.name, unit="frame", disable=None)
     try:
         while True:
-            ok, bgr = cap.read()
+            try:
+                ok, bgr = cap.read()
+            except KeyboardInterrupt:   # how a webcam run ends: keep what was recorded
+                ok = False
             if ok:
                 frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
             if frames and (not ok or len(frames) == batch_size):
@@ -305,6 +326,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "openvino"),
                         help="default: pytorch for a checkpoint, onnxruntime for an exported .onnx")
     parser.add_argument("--threads", type=int, help="threads of an onnxruntime / openvino backend")
+    parser.add_argument("--source", action="append", default=[], metavar="INPUT",
+                        help="an input as well, e.g. --source 0 for camera 0")
+    parser.add_argument("--nms-iou", default="0.5", metavar="IOU|off",
+                        help="class-wise NMS for a model predicting without (CenterNet); default 0.5")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides (put it last)")
     add_debug_flag(parser)
@@ -312,6 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     has_config = Path(args.paths[0]).suffix.lower() in (".yaml", ".yml")
     args.config = args.paths[0] if has_config else None
     args.checkpoint, *args.inputs = args.paths[1:] if has_config else args.paths
+    args.inputs += args.source
     if not args.inputs:
         parser.error("give the CHECKPOINT and at least one INPUT")
     if args.set and args.config is None:
@@ -324,7 +350,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--slice-overlap must be in [0, 1), got {args.slice_overlap}")
     if args.full_image_size is not None and args.full_image_size < 1:
         parser.error(f"--full-image-size must be >= 1 pixel, got {args.full_image_size}")
+    try:
+        args.nms_iou = None if args.nms_iou == "off" else float(args.nms_iou)
+    except ValueError:
+        parser.error(f"--nms-iou must be an IoU in (0, 1] or off, got {args.nms_iou!r}")
+    if args.nms_iou is not None and not 0.0 < args.nms_iou <= 1.0:
+        parser.error(f"--nms-iou must be an IoU in (0, 1] or off, got {args.nms_iou}")
     return args
+
+
+def drawing_nms_iou(cfg: dict, iou: float | None) -> float | None:
+    """``iou`` for a CenterNet predicting without NMS (``model.head.nms_iou_thresh`` null), else
+    None: the drawings of other models are their predictions."""
+    head = get_path(cfg, "model.head", None)
+    if iou is None or not isinstance(head, dict) or head.get("type") != "CenterNetHead":
+        return None
+    return iou if head.get("nms_iou_thresh") is None else None
+
+
+def classwise_nms(result: dict, iou: float) -> dict:
+    """``result`` without the boxes that overlap a higher-scoring box of their class by more
+    than ``iou`` (torchvision's batched_nms; masks and other per-box entries follow)."""
+    from torchvision.ops import batched_nms
+
+    boxes = result["boxes"].float().reshape(-1, 4)
+    keep = batched_nms(boxes, result["scores"].float(), result["labels"], iou)
+    return {k: v[keep] if torch.is_tensor(v) and v.shape[:1] == boxes.shape[:1] and k != "sem_seg" else v
+            for k, v in result.items()}
 
 
 def infer_main(argv=None) -> int:
@@ -341,10 +393,13 @@ def infer_main(argv=None) -> int:
         if isinstance(e, DetkitError):
             raise
         raise DetkitError(str(e)) from e
+    nms_iou = drawing_nms_iou(predictor.cfg, args.nms_iou)
+    if nms_iou is not None and not args.no_draw:
+        print(f"drawings: class-wise NMS at IoU {nms_iou} (CenterNet predicts without; --nms-iou off)")
     items, failed = expand_inputs(args.inputs)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ResultWriter(out_dir, predictor, args.coco_gt, draw=not args.no_draw)
+    writer = ResultWriter(out_dir, predictor, args.coco_gt, draw=not args.no_draw, nms_iou=nms_iou)
     names = unique_output_names(items)
     start = time.perf_counter()
     images = [(i, n) for i, n in zip(items, names) if not i.video]
