@@ -8,11 +8,21 @@ Kept in float by rule (:func:`float_layers`), since they lose the most accuracy 
 
 * the first convolution (its input is the image, whose fine colour steps carry the signal);
 * every prediction layer: a quantizable node from which no other quantizable node can be reached
-  along the feature path (the walk does not cross ``TopK``, ``NonMaxSuppression`` or the box
-  input of ``RoiAlign`` / ``MaxRoiPool``, where the graph turns predictions into selections),
-  e.g. YOLO's 1x1 output convs, CenterNet's heatmap / size / offset convs, the RPN and RoI
-  head's class and box layers;
+  along the feature path (the walk does not cross ``TopK``, ``NonMaxSuppression``, ``NonZero``,
+  ``Shape`` / ``Size``, the box and batch-index inputs of ``RoiAlign`` / ``MaxRoiPool`` or the
+  index input of ``Gather*`` / ``Scatter*``, where the graph turns predictions into selections,
+  sizes and positions, not features: the RPN's deltas only decide which FPN level pools each
+  RoI and where its row goes), e.g. YOLO's 1x1 output convs, CenterNet's heatmap / size /
+  offset convs, the RPN's objectness / delta convs and the RoI head's class and box layers;
 * nodes whose names match one of ``skip`` (``--int8-skip``, fnmatch patterns).
+
+OpenVINO (NNCF) quantizes only the convolution and matrix-product ops (every other op type of
+the IR is in NNCF's ignored scope, see :func:`_openvino_float_scope`), as ONNX Runtime does.
+NNCF would otherwise also put quantizers on the inputs of element-wise ops and propagate them
+through RoI pooling: on Faster R-CNN it quantized the RoI areas before the ``Sqrt`` of the FPN
+level rule and each level's ``RoiAlign`` output with a range of [0, 8e-5] (its statistics for
+those dynamically-sized tensors were empty), sending every RoI to the finest level or zeroing
+its pooled features: -0.064 AP.
 
 Calibration: images through the config's test pipeline (``data.val.pipeline``), padded as
 ``DeployedModel`` pads them, fed to every input of the graph (``images`` and, when the graph has
@@ -33,14 +43,17 @@ from ..errors import DetkitError
 
 __all__ = ["QuantizationError", "float_layers", "calibration_images", "CalibrationSet",
            "quantize_onnx", "quantize_openvino", "quantize_export", "QUANTIZED_OPS",
-           "IMAGE_SUFFIXES"]
+           "OV_QUANTIZED_TYPES", "IMAGE_SUFFIXES"]
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
-_STOP_OPS = {"TopK", "NonMaxSuppression"}
-_ROI_OPS = {"RoiAlign", "MaxRoiPool"}      # input 1 is the box list, not a feature map
-# OpenVINO op types NNCF may quantize that detkit keeps float (see quantize_openvino)
-_OV_FLOAT_TYPES = ("Add", "Multiply", "Subtract", "Divide", "Maximum", "Minimum", "Concat",
-                   "Interpolate", "AvgPool", "MaxPool", "ReduceMean", "NormalizeL2", "MVN")
+# the walk stops here: selections (TopK / NMS / NonZero) and a tensor's shape are no features
+_STOP_OPS = {"TopK", "NonMaxSuppression", "NonZero", "Shape", "Size"}
+# inputs that say where to read or write (boxes, batch and element indices), not features
+_INDEX_INPUTS = {"RoiAlign": (1, 2), "MaxRoiPool": (1,), "Gather": (1,), "GatherElements": (1,),
+                 "GatherND": (1,), "ScatterElements": (1,), "ScatterND": (1,)}
+# the OpenVINO op types of QUANTIZED_OPS: the only ones NNCF may quantize (see quantize_openvino)
+OV_QUANTIZED_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData",
+                      "GroupConvolutionBackpropData", "MatMul")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -74,7 +87,7 @@ def _reaches_compute(start, consumers) -> bool:
     while stack:
         tensor = stack.pop()
         for node, index in consumers.get(tensor, ()):
-            if node.op_type in _STOP_OPS or (node.op_type in _ROI_OPS and index == 1):
+            if node.op_type in _STOP_OPS or index in _INDEX_INPUTS.get(node.op_type, ()):
                 continue
             if node.op_type in QUANTIZED_OPS:
                 return True
@@ -238,17 +251,30 @@ def quantize_openvino(src: str | os.PathLike, dst: str | os.PathLike, calibratio
     if batch.is_static and len(model.inputs) > 1:
         # NNCF's statistics pass mis-infers the dynamic [?, 2] sizes next to a static batch
         model.reshape({model.inputs[1].get_any_name(): [batch.get_length(), 2]})
-    names = {op.get_friendly_name() for op in model.get_ops()}
-    # NNCF would also quantize element-wise ops; in the decode stage those compute box
-    # coordinates (cell index x stride + offset), which 8 bits destroy: only convolutions and
-    # matrix products are quantized, as on the ONNX Runtime side.
-    ignored = nncf.IgnoredScope(names=[n for n in keep if n in names], types=list(_OV_FLOAT_TYPES),
-                                validate=False)
+    float_names, float_types = _openvino_float_scope(model, keep)
     quantized = nncf.quantize(model, nncf.Dataset(calibration),
                               subset_size=min(subset_size, len(calibration.images)),
-                              ignored_scope=ignored, preset=nncf.QuantizationPreset.PERFORMANCE)
+                              ignored_scope=nncf.IgnoredScope(names=float_names, types=float_types,
+                                                              validate=False),
+                              preset=nncf.QuantizationPreset.PERFORMANCE)
     ov.save_model(quantized, str(dst))
     return keep
+
+
+def _openvino_float_scope(model, keep: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(op names, op types) of the OpenVINO model ``model`` that NNCF must leave float: every op
+    type but OV_QUANTIZED_TYPES, and the ops of those types made from the ONNX nodes ``keep``.
+
+    OpenVINO's ONNX reader names a ``Conv`` / ``Gemm`` with a bias ``<onnx name>/WithoutBiases``
+    and gives the ONNX name to the bias ``Add``: matching names exactly would keep the ``Add``
+    float and quantize the layer itself."""
+    ops = list(model.get_ops())
+    float_types = sorted({op.get_type_name() for op in ops} - set(OV_QUANTIZED_TYPES))
+    kept = set(keep)
+    names = [op.get_friendly_name() for op in ops if op.get_type_name() in OV_QUANTIZED_TYPES
+             and (op.get_friendly_name() in kept
+                  or op.get_friendly_name().rsplit("/", 1)[0] in kept)]
+    return names, float_types
 
 
 def quantize_export(cfg: dict, fp32: str | os.PathLike, out: str | os.PathLike, *,
