@@ -15,6 +15,9 @@ FP32 / INT8, OpenVINO FP32 / BF16 (``INFERENCE_PRECISION_HINT``) / INT8.
 
     python tools/benchmark.py quant --repeats 10
     QUANT_CHECKPOINTS=centernet=work_dirs/centernet_shapes/best.pth python tools/benchmark.py quant
+
+``QUANT_MODELS=CenterNet,Faster`` runs only the latency rows whose name contains one of the words
+(``QUANT_MODELS=NONE``: none of them, the accuracy rows alone).
 """
 
 from __future__ import annotations
