@@ -12,10 +12,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ...errors import DetkitError
 from ..matchers import ignore_flags
 from .position import cxcywh_to_xyxy, xyxy_to_cxcywh
 
-__all__ = ["assemble_outputs", "detr_targets_from_detkit", "topk_predictions"]
+__all__ = ["assemble_outputs", "detr_targets_from_detkit", "topk_predictions", "SetPredictionMixin"]
 
 _PER_QUERY_KEYS = ("pred_logits", "pred_boxes", "pred_corners", "ref_points")
 
@@ -95,3 +96,25 @@ def topk_predictions(logits: Tensor, boxes: Tensor, padded_hw: Sequence[int],
         results.append({"boxes": torch.minimum(xyxy[b].clamp(min=0), limit), "scores": scores[b],
                         "labels": index[b] % num_classes})
     return results
+
+
+class SetPredictionMixin:
+    """``loss`` and ``predict`` of a DETR head whose ``forward`` returns the raw-output dict above
+    (with ``image_size`` = the padded input (H_pad, W_pad)); the head sets ``criterion`` (None:
+    inference only) and ``num_top_queries``."""
+
+    criterion: torch.nn.Module | None
+    num_top_queries: int
+
+    def loss(self, outputs: dict, targets: list[dict],
+             image_sizes: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """detkit targets (xyxy pixels of the padded batch) -> DETR format -> ``criterion``."""
+        if self.criterion is None:
+            raise DetkitError(f"{type(self).__name__}.loss: the head was built without a criterion "
+                              "(pass criterion=... to train it)")
+        return self.criterion(outputs, detr_targets_from_detkit(targets, outputs["image_size"]))
+
+    def predict(self, outputs: dict, image_sizes: Sequence[Sequence[int]]) -> list[dict]:
+        """Top-k of sigmoid scores over queries x classes; ``boxes`` xyxy pixels clipped per image."""
+        return topk_predictions(outputs["pred_logits"], outputs["pred_boxes"], outputs["image_size"],
+                                image_sizes, self.num_top_queries)

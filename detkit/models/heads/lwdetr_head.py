@@ -21,13 +21,12 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-from ...errors import DetkitError
 from ...registry import HEADS, construct
 from ...structures import ShapeSpec
 from ..detr.attention import MSDeformableAttention
 from ..detr.decoder import DecoderLayer
 from ..detr.lw_decoder import GroupQuerySelection, GroupSelfAttention, LWDETRDecoder, refine_boxes
-from ..detr.outputs import assemble_outputs, detr_targets_from_detkit, topk_predictions
+from ..detr.outputs import SetPredictionMixin, assemble_outputs
 from ..detr.query_selection import flatten_levels
 from .rtdetr_head import build_criterion
 
@@ -35,7 +34,7 @@ __all__ = ["LWDETRHead"]
 
 
 @HEADS.register()
-class LWDETRHead(nn.Module):
+class LWDETRHead(SetPredictionMixin, nn.Module):
     """Group two-stage query selection -> LW-DETR decoder with shared heads.
 
     Args:
@@ -154,16 +153,4 @@ class LWDETRHead(nn.Module):
         outputs["image_size"] = (height * self.size_stride, width * self.size_stride)
         return outputs
 
-    def loss(self, outputs: dict, targets: list[dict],
-             image_sizes: Sequence[Sequence[int]]) -> dict[str, Tensor]:
-        """detkit targets (xyxy pixels of the padded batch) -> DETR format -> ``criterion``."""
-        if self.criterion is None:
-            raise DetkitError(f"{type(self).__name__}.loss: the head was built without a criterion "
-                              "(pass criterion=... to train it)")
-        return self.criterion(outputs, detr_targets_from_detkit(targets, outputs["image_size"]))
-
-    def predict(self, outputs: dict, image_sizes: Sequence[Sequence[int]]) -> list[dict]:
-        """Top-k of sigmoid scores over queries x classes; ``boxes`` xyxy pixels clipped per image."""
-        return topk_predictions(outputs["pred_logits"], outputs["pred_boxes"], outputs["image_size"],
-                                image_sizes, self.num_top_queries)
 

@@ -17,13 +17,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ...errors import DetkitError
 from ...registry import HEADS, ConfigError, closest, construct
 from ...structures import ShapeSpec
 from ..detr.attention import MSDeformableAttention
 from ..detr.decoder import DecoderLayer, RTDETRDecoder
 from ..detr.denoising import contrastive_denoising_queries
-from ..detr.outputs import assemble_outputs, detr_targets_from_detkit, topk_predictions
+from ..detr.outputs import SetPredictionMixin, assemble_outputs
 from ..detr.query_selection import LevelProjection, QuerySelection, flatten_levels
 
 __all__ = ["RTDETRHead", "build_criterion"]
@@ -51,7 +50,7 @@ def build_criterion(node: dict, path: str, num_classes: int | None = None) -> nn
 
 
 @HEADS.register()
-class RTDETRHead(nn.Module):
+class RTDETRHead(SetPredictionMixin, nn.Module):
     """Level projections -> top-k query selection -> deformable decoder with box refinement.
 
     Args:
@@ -184,15 +183,3 @@ class RTDETRHead(nn.Module):
         outputs["image_size"] = (height * stride, width * stride)   # (traced sizes when exporting)
         return outputs
 
-    def loss(self, outputs: dict, targets: list[dict],
-             image_sizes: Sequence[Sequence[int]]) -> dict[str, Tensor]:
-        """detkit targets (xyxy pixels of the padded batch) -> DETR format -> ``criterion``."""
-        if self.criterion is None:
-            raise DetkitError(f"{type(self).__name__}.loss: the head was built without a criterion "
-                              "(pass criterion=... to train it)")
-        return self.criterion(outputs, detr_targets_from_detkit(targets, outputs["image_size"]))
-
-    def predict(self, outputs: dict, image_sizes: Sequence[Sequence[int]]) -> list[dict]:
-        """Top-k of sigmoid scores over queries x classes; ``boxes`` xyxy pixels clipped per image."""
-        return topk_predictions(outputs["pred_logits"], outputs["pred_boxes"], outputs["image_size"],
-                                image_sizes, self.num_top_queries)
