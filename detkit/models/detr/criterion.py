@@ -24,7 +24,8 @@ key per layer, as the original code and transformers name them. The total is the
 the box and FGL/DDF terms of every decoder layer, the pre-bbox head and the encoder use the union
 of all those sets' matches (for each query the target it is matched to most often), the class
 loss keeps each set's own matching. DEIM's Dense O2O itself is data: more targets per image from
-mosaic (``detkit/data/mosaic.py``, the ``Mosaic`` dataset wrapper) and mixup (not in detkit yet),
+mosaic (``detkit/data/mosaic.py``, the ``Mosaic`` dataset wrapper) and mixup
+(``detkit/data/mixup.py``, ``MixUp``, with DEIM's epoch window ``from_epoch`` / ``until_epoch``),
 then the same one-to-one matching; nothing else in the loss changes (the matcher takes any N,
 also N > Q).
 
