@@ -33,6 +33,8 @@ from .base import to_sample
 
 __all__ = ["MixUp"]
 
+_STREAM = 0x4D495855   # "MIXU": keeps MixUp's draws independent of the wrapped dataset's
+
 
 @DATASETS.register()
 class MixUp(Dataset):
@@ -83,7 +85,8 @@ class MixUp(Dataset):
         return len(self.dataset)
 
     def set_seed(self, seed: int) -> None:
-        self.rng = np.random.default_rng(int(seed))
+        # a stream of its own: a wrapped Mosaic gets the same per-sample seed
+        self.rng = np.random.default_rng((int(seed), _STREAM))
 
     def set_augment_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

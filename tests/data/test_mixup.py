@@ -54,3 +54,25 @@ def test_epoch_window_and_config(data_root):
     with pytest.raises(ConfigError, match="ratio"):
         build_dataset({"dataset": {"type": "MixUp", "ratio": [0.8, 0.2], "dataset": coco}},
                       root=str(data_root))
+
+
+def test_draws_independent_of_a_wrapped_mosaic():
+    """The loader gives wrapper and wrapped the same per-sample seed: MixUp must not replay Mosaic's
+    random stream (its blend decisions would then equal Mosaic's tile decisions)."""
+    from detkit.data.mosaic import Mosaic
+
+    class Fake:
+        def __len__(self):
+            return 4
+
+        def get_raw(self, i):
+            return _raw(8, 8, 10 * i, [[0, 0, 4, 4]], [0], i)
+
+    mosaic = Mosaic(Fake(), size=8, prob=0.5)
+    mixup = MixUp(mosaic, prob=0.5)
+    same = 0
+    for seed in range(200):
+        mosaic.set_seed(seed)
+        mixup.set_seed(seed)
+        same += (mosaic.rng.random() < 0.5) == (mixup.rng.random() < 0.5)
+    assert 60 < same < 140   # independent: about half agree (identical streams: all 200)
