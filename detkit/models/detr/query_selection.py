@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .decoder import MLP, zero_last_layer
 
-__all__ = ["LevelProjection", "make_anchors", "QuerySelection", "flatten_levels"]
+__all__ = ["LevelProjection", "make_anchors", "QuerySelection", "flatten_levels", "select_levels"]
 
 
 class LevelProjection(nn.Module):
@@ -52,6 +52,16 @@ class LevelProjection(nn.Module):
             source = proj(source)
             levels.append(source)
         return levels
+
+
+def select_levels(input_shapes: dict, in_features: Sequence[str] | None) -> list[str]:
+    """The neck levels a DETR head reads: ``in_features`` in its order, or all by stride."""
+    names = (list(in_features) if in_features is not None
+             else sorted(input_shapes, key=lambda n: input_shapes[n].stride))
+    missing = [n for n in names if n not in input_shapes]
+    if missing:
+        raise ValueError(f"in_features {missing} are not among the inputs {sorted(input_shapes)}")
+    return names
 
 
 def flatten_levels(levels: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:

@@ -27,7 +27,7 @@ from ..detr.attention import MSDeformableAttention
 from ..detr.decoder import DecoderLayer
 from ..detr.lw_decoder import GroupQuerySelection, GroupSelfAttention, LWDETRDecoder, refine_boxes
 from ..detr.outputs import SetPredictionMixin, assemble_outputs
-from ..detr.query_selection import flatten_levels
+from ..detr.query_selection import flatten_levels, select_levels
 from .rtdetr_head import build_criterion
 
 __all__ = ["LWDETRHead"]
@@ -61,11 +61,7 @@ class LWDETRHead(SetPredictionMixin, nn.Module):
                  layer_norm_eps: float = 1e-5,
                  exportable: bool = False, num_top_queries: int = 300, criterion: nn.Module | None = None):
         super().__init__()
-        names = (list(in_features) if in_features is not None
-                 else sorted(input_shapes, key=lambda n: input_shapes[n].stride))
-        missing = [n for n in names if n not in input_shapes]
-        if missing:
-            raise ValueError(f"in_features {missing} are not among the inputs {sorted(input_shapes)}")
+        names = select_levels(input_shapes, in_features)
         wrong = {n: input_shapes[n].channels for n in names if input_shapes[n].channels != hidden_dim}
         if wrong:
             raise ValueError(f"LWDETRHead has no input projections: levels {wrong} do not have "

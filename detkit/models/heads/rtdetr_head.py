@@ -23,7 +23,7 @@ from ..detr.attention import MSDeformableAttention
 from ..detr.decoder import DecoderLayer, RTDETRDecoder
 from ..detr.denoising import contrastive_denoising_queries
 from ..detr.outputs import SetPredictionMixin, assemble_outputs
-from ..detr.query_selection import LevelProjection, QuerySelection, flatten_levels
+from ..detr.query_selection import LevelProjection, QuerySelection, flatten_levels, select_levels
 
 __all__ = ["RTDETRHead", "build_criterion"]
 
@@ -86,11 +86,7 @@ class RTDETRHead(SetPredictionMixin, nn.Module):
                  batch_norm_eps: float = 1e-5, num_top_queries: int = 300,
                  criterion: nn.Module | None = None):
         super().__init__()
-        names = (list(in_features) if in_features is not None
-                 else sorted(input_shapes, key=lambda n: input_shapes[n].stride))
-        missing = [n for n in names if n not in input_shapes]
-        if missing:
-            raise ValueError(f"in_features {missing} are not among the inputs {sorted(input_shapes)}")
+        names = select_levels(input_shapes, in_features)
         self.in_features, self.first_stride = names, input_shapes[names[0]].stride
         self.num_classes, self.num_queries, self.num_top_queries = num_classes, num_queries, num_top_queries
         self.num_denoising, self.label_noise_ratio = num_denoising, label_noise_ratio
