@@ -25,11 +25,10 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-from torch.utils.data import Dataset
 
 from ..errors import DatasetError
-from ..registry import DATASETS, ConfigError, closest
-from .base import to_sample
+from ..registry import DATASETS
+from .wrappers import RawSampleWrapper
 
 __all__ = ["MixUp"]
 
@@ -37,8 +36,10 @@ _STREAM = 0x4D495855   # "MIXU": keeps MixUp's draws independent of the wrapped 
 
 
 @DATASETS.register()
-class MixUp(Dataset):
+class MixUp(RawSampleWrapper):
     """Blend of two samples of ``dataset`` (any detkit dataset or wrapper with ``get_raw``)."""
+
+    ARGUMENTS = ("prob", "ratio", "from_epoch", "until_epoch")
 
     def __init__(self, dataset, *, prob: float = 0.5, ratio: Sequence[float] = (0.45, 0.55),
                  from_epoch: int | None = None, until_epoch: int | None = None, transforms=None):
@@ -56,33 +57,12 @@ class MixUp(Dataset):
         for name, value in (("from_epoch", from_epoch), ("until_epoch", until_epoch)):
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
                 raise ValueError(f"MixUp: {name} must be an epoch number >= 0, got {value!r}")
-        self.dataset, self.transforms = dataset, transforms
+        super().__init__(dataset, transforms=transforms)
         self.prob, self.ratio = float(prob), (lo, hi)
         self.from_epoch = None if from_epoch is None else int(from_epoch)
         self.until_epoch = None if until_epoch is None else int(until_epoch)
         self.rng = np.random.default_rng(0)
         self.epoch = 0
-
-    @classmethod
-    def from_config(cls, cfg: dict, *, path: str, root=None, transforms=None) -> "MixUp":
-        from .builder import build_dataset_node
-        cfg = dict(cfg)
-        if not isinstance(cfg.get("dataset"), dict):
-            raise ConfigError(f"{path}.dataset: MixUp needs the dataset to wrap "
-                              f"({{type: CocoDetection, ...}})")
-        inner = build_dataset_node(cfg.pop("dataset"), f"{path}.dataset", root=root, transforms=None)
-        allowed = ("prob", "ratio", "from_epoch", "until_epoch")
-        for key in cfg:
-            if key not in allowed:
-                raise ConfigError(f"{path}.{key}: 'MixUp' has no argument '{key}'{closest(key, allowed)}; "
-                                  f"valid arguments: dataset, {', '.join(allowed)}")
-        try:
-            return cls(inner, transforms=transforms, **cfg)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path} (MixUp): {e}") from e
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def set_seed(self, seed: int) -> None:
         # a stream of its own: a wrapped Mosaic gets the same per-sample seed
@@ -96,12 +76,6 @@ class MixUp(Dataset):
         return ((self.from_epoch is None or self.epoch >= self.from_epoch)
                 and (self.until_epoch is None or self.epoch < self.until_epoch))
 
-    def __getitem__(self, index: int):
-        raw = self.get_raw(index)
-        if self.transforms is not None:
-            raw = self.transforms(raw)
-        return to_sample(raw)
-
     def get_raw(self, index: int) -> dict:
         """A blended raw dict (with probability ``prob`` in active epochs) or the plain sample."""
         if not self.active() or self.rng.random() >= self.prob:
@@ -109,12 +83,6 @@ class MixUp(Dataset):
         other = int(self.rng.integers(0, len(self.dataset)))
         ratio = float(self.rng.uniform(*self.ratio))
         return self.combine(self._inner_raw(index), self._inner_raw(other), ratio)
-
-    get_raw_checked = get_raw
-
-    def _inner_raw(self, index: int) -> dict:
-        getter = getattr(self.dataset, "get_raw_checked", self.dataset.get_raw)
-        return getter(index)
 
     @staticmethod
     def combine(first: dict, other: dict, ratio: float) -> dict:
@@ -138,18 +106,6 @@ class MixUp(Dataset):
                      else np.zeros(len(np.asarray(r["boxes"]).reshape(-1, 4)), bool) for r in (first, other)]
             result[key] = np.concatenate(parts).astype(np.int64 if key == "labels" else bool)
         return result
-
-    # pass-throughs the trainer / evaluator read from a training set
-    @property
-    def class_names(self) -> list[str]:
-        return self.dataset.class_names
-
-    @property
-    def label_to_cat_id(self) -> list[int]:
-        return self.dataset.label_to_cat_id
-
-    def coco_gt(self):
-        return self.dataset.coco_gt()
 
     def aspect_ratios(self) -> list[float]:
         return self.dataset.aspect_ratios()

@@ -29,10 +29,9 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-from torch.utils.data import Dataset
 
-from ..registry import DATASETS, ConfigError
-from .base import to_sample
+from ..registry import DATASETS
+from .wrappers import RawSampleWrapper
 
 __all__ = ["Mosaic"]
 
@@ -40,7 +39,7 @@ _PER_BOX = ("labels", "iscrowd", "difficult")
 
 
 @DATASETS.register()
-class Mosaic(Dataset):
+class Mosaic(RawSampleWrapper):
     """Four-image mosaic around ``dataset`` (any detkit dataset with ``get_raw``); see module doc.
 
     Args:
@@ -54,6 +53,9 @@ class Mosaic(Dataset):
             loader tells the dataset the epoch (``set_augment_epoch``).
         transforms: the split's pipeline, applied to the mosaic (or plain) raw sample.
     """
+
+    ARGUMENTS = ("size", "prob", "center_range", "min_visible", "pad_value", "until_epoch")
+    REQUIRED = ("size",)
 
     def __init__(self, dataset, *, size: int | Sequence[int], prob: float = 1.0,
                  center_range: Sequence[float] = (0.25, 0.75), min_visible: float = 0.3,
@@ -73,53 +75,22 @@ class Mosaic(Dataset):
         lo, hi = (float(v) for v in center_range)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"Mosaic: center_range must satisfy 0 <= lo <= hi <= 1, got {center_range}")
-        self.dataset = dataset
+        super().__init__(dataset, transforms=transforms)
         self.prob, self.center_range = float(prob), (lo, hi)
         self.min_visible, self.pad_value = float(min_visible), int(pad_value)
         if until_epoch is not None and (isinstance(until_epoch, bool) or int(until_epoch) != until_epoch
                                         or until_epoch < 0):
             raise ValueError(f"Mosaic: until_epoch must be an epoch number >= 0, got {until_epoch!r}")
         self.until_epoch = None if until_epoch is None else int(until_epoch)
-        self.transforms = transforms
         self.rng = np.random.default_rng(0)
         self.epoch = 0
 
-    @classmethod
-    def from_config(cls, cfg: dict, *, path: str, root=None, transforms=None) -> "Mosaic":
-        from .builder import build_dataset_node
-        cfg = dict(cfg)
-        if not isinstance(cfg.get("dataset"), dict):
-            raise ConfigError(f"{path}.dataset: Mosaic needs the dataset to wrap "
-                              f"({{type: CocoDetection, ...}})")
-        if "size" not in cfg:
-            raise ConfigError(f"{path}: 'Mosaic' needs the argument 'size'")
-        inner = build_dataset_node(cfg.pop("dataset"), f"{path}.dataset", root=root, transforms=None)
-        allowed = ("size", "prob", "center_range", "min_visible", "pad_value", "until_epoch")
-        for key in cfg:
-            if key not in allowed:
-                from ..registry import closest
-                raise ConfigError(f"{path}.{key}: 'Mosaic' has no argument '{key}'{closest(key, allowed)}; "
-                                  f"valid arguments: dataset, {', '.join(allowed)}")
-        try:
-            return cls(inner, transforms=transforms, **cfg)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path} (Mosaic): {e}") from e
-
     # ------------------------------------------------------------ dataset protocol
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def set_seed(self, seed: int) -> None:
         self.rng = np.random.default_rng(int(seed))
 
     def set_augment_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def __getitem__(self, index: int):
-        raw = self.get_raw(index)
-        if self.transforms is not None:
-            raw = self.transforms(raw)
-        return to_sample(raw)
 
     def get_raw(self, index: int) -> dict:
         """A mosaic raw dict (with probability ``prob``) or the wrapped dataset's raw sample."""
@@ -128,27 +99,6 @@ class Mosaic(Dataset):
             return self._inner_raw(index)
         others = self.rng.integers(0, len(self.dataset), size=3)
         return self.combine([self._inner_raw(index)] + [self._inner_raw(int(i)) for i in others])
-
-    get_raw_checked = get_raw
-
-    def _inner_raw(self, index: int) -> dict:
-        getter = getattr(self.dataset, "get_raw_checked", self.dataset.get_raw)
-        return getter(index)
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.dataset.class_names
-
-    @property
-    def label_to_cat_id(self) -> list[int]:
-        return self.dataset.label_to_cat_id
-
-    @property
-    def seg_class_names(self) -> list[str]:
-        return self.dataset.seg_class_names
-
-    def coco_gt(self):
-        return self.dataset.coco_gt()
 
     def aspect_ratios(self) -> list[float]:
         h, w = self.size
