@@ -2,22 +2,27 @@
 """Self-supervised pre-training -> low-label detection fine-tuning on shapes (README table).
 
     python tools/benchmarks/self_supervised.py [--methods moco_v2 byol ...] [--fractions 0.1 1.0]
-        [--pretrain-iters 120] [--pretrain-batch 32] [--finetune-iters 150]
+        [--pretrain-iters 120] [--pretrain-batch 32] [--finetune-iters 150 300 600]
         [--work-dir work_dirs/ssl_bench] [--lock /tmp/detkit_heavy.lock] [--pretrain-set k=v ...]
-        [--seeds 0 1 2]
+        [--pretrained-set k=v ...] [--seeds 0 1 2]
 
 For each method: ``tools/pretrain.py configs/pretrain/<method>_r18_shapes.yaml`` at the given
-budget; then for each label fraction CenterNet-R18 (``configs/centernet/centernet_r18_shapes.yaml``)
-is fine-tuned with ``data.train.subset=<fraction>`` from scratch and from every pre-trained
-backbone, with the same recipe and iterations, and evaluated once at the end on shapes val;
-finally a weighted 20-NN classifier of frozen pooled c5 features on object crops (train objects
-as the bank, val objects as queries, 64 x 64) checks the representations. Steps whose outputs
+budget; then for each label fraction and each fine-tuning budget CenterNet-R18
+(``configs/centernet/centernet_r18_shapes.yaml``) is fine-tuned with ``data.train.subset=<fraction>``
+from scratch and from every pre-trained backbone, with the same recipe and iterations, and
+evaluated once at the end on shapes val; finally a weighted 20-NN classifier of frozen pooled c5
+features on object crops (train objects as the bank, val objects as queries, 64 x 64) checks the
+representations. Each cell is the mean over ``--seeds``; "gain" is the mean AP50 gain over scratch
+and, after "min", the smallest gain of a seed over scratch with the same seed. Steps whose outputs
 exist are skipped, so an interrupted run continues. ``--lock``: each training holds this file
 lock (flock) so that heavy jobs of a shared machine run one at a time; times exclude the wait
 (they are the sums of the logged step times). ``tools/benchmark.py self_supervised`` prints the
 table of the results already in ``--work-dir``. ``--pretrain-set`` passes overrides to every
-pre-training (a recipe variant: use its own ``--work-dir``). (Not named ``ssl.py``: run as a
-script, that name would shadow Python's ``ssl`` module.)
+pre-training (a recipe variant: use its own ``--work-dir``); ``--pretrained-set`` passes overrides
+to the fine-tuning of pre-trained backbones only (the fine-tuning recipe for a pre-trained
+backbone, e.g. a lower backbone learning rate; scratch keeps the detector config's recipe). It is
+stored in ``recipe.json`` of the work dir and printed with the table. (Not named ``ssl.py``: run
+as a script, that name would shadow Python's ``ssl`` module.)
 """
 
 from __future__ import annotations
@@ -92,16 +97,18 @@ def pretrain(args, method: str) -> Path:
     return run / "last.pth"
 
 
-def ft_dir(init: str, fraction: float, seed: int) -> str:
-    """Fine-tuning run name; seed 0 (the detector config's own seed) keeps the plain name."""
-    return f"ft_{init}_{fraction:g}" + (f"_s{seed}" if seed else "")
+def ft_dir(init: str, fraction: float, iters: int, seed: int) -> str:
+    """Fine-tuning run name; seed 0 (the detector config's own seed) has no seed suffix."""
+    return f"ft_{init}_{fraction:g}_{iters}it" + (f"_s{seed}" if seed else "")
 
 
-def finetune(args, init: str, fraction: float, weights: Path | None, seed: int = 0) -> dict:
-    name = ft_dir(init, fraction, seed)
+FT_DIR = re.compile(r"ft_scratch_([0-9.]+)_(\d+)it(?:_s(\d+))?")
+
+
+def finetune(args, init: str, fraction: float, weights: Path | None, n: int, seed: int = 0) -> dict:
+    name = ft_dir(init, fraction, n, seed)
     run = args.work_dir / name
-    if not finished(run, args.finetune_iters):
-        n = args.finetune_iters
+    if not finished(run, n):
         sets = [f"data.train.subset={fraction}", f"train.max_iters={n}", f"train.eval_interval={n}",
                 f"train.checkpoint.interval={n}", "train.checkpoint.best_metric=null",
                 "data.train.num_workers=1", "data.val.num_workers=1",
@@ -109,7 +116,7 @@ def finetune(args, init: str, fraction: float, weights: Path | None, seed: int =
         if seed:
             sets.append(f"train.seed={seed}")
         if weights is not None:
-            sets.append(f"model.backbone.weights={weights}")
+            sets += [f"model.backbone.weights={weights}", *args.pretrained_set]
         cmd = [sys.executable, "tools/train.py", DETECTOR, "--work-dir", str(run), "--set", *sets]
         print("running:", " ".join(cmd), flush=True)
         run_locked(cmd, args.lock, args.work_dir / f"{name}.log")
@@ -161,31 +168,47 @@ def load_crops(root: str):
     return split("train"), split("val")
 
 
+def seed_evals(args, init: str, fraction: float, iters: int) -> list[dict | None]:
+    return [final_eval(args.work_dir / ft_dir(init, fraction, iters, seed)) for seed in args.seeds]
+
+
+def cell(evals: list[dict | None], base: list[dict | None] | None) -> str:
+    """Mean AP50 / AP over the seeds done, each seed's AP50, and the gain over ``base`` (scratch)."""
+    done = [ev for ev in evals if ev]
+    if not done:
+        return "not run"
+    ap50, ap = (sum(ev[k] for ev in done) / len(done) for k in ("bbox/AP50", "bbox/AP"))
+    text = f"{ap50:.3f} / {ap:.3f}"
+    if len(evals) > 1:
+        text += " (" + ", ".join(f"{ev['bbox/AP50']:.3f}" if ev else "-" for ev in evals) + ")"
+    gains = [ev["bbox/AP50"] - b["bbox/AP50"] for ev, b in zip(evals, base or []) if ev and b]
+    if gains:
+        text += f"; gain {sum(gains) / len(gains):+.3f}"
+        text += f", min {min(gains):+.3f}" if len(gains) > 1 else ""
+    return text
+
+
 def table(args, methods, fractions, knn: dict | None) -> str:
+    budgets = args.finetune_iters
     head = ["backbone init", f"pre-training ({args.pretrain_iters} it x {args.pretrain_batch})"]
-    head += [f"AP50 / AP, {f:.0%} labels" for f in fractions] + ["k-NN acc.", "stem low-pass"]
+    head += [f"AP50 / AP, {f:.0%} labels, {n} it" for f in fractions for n in budgets]
+    head += ["k-NN acc.", "stem low-pass"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for init in ["scratch", *methods]:
         seconds = step_seconds(args.work_dir / init) if init != "scratch" else None
         cells = [init, f"{seconds / 60:.1f} min" if seconds else "-"]
         for f in fractions:
-            evals = [final_eval(args.work_dir / ft_dir(init, f, seed)) for seed in args.seeds]
-            done = [ev for ev in evals if ev]
-            if not done:
-                cells.append("not run")
-                continue
-            ap50, ap = (sum(ev[k] for ev in done) / len(done) for k in ("bbox/AP50", "bbox/AP"))
-            cell = f"{ap50:.3f} / {ap:.3f}"
-            if len(args.seeds) > 1:  # the mean, then each seed's AP50
-                cell += " (" + ", ".join(f"{ev['bbox/AP50']:.3f}" if ev else "-" for ev in evals) + ")"
-            cells.append(cell)
+            for n in budgets:
+                base = seed_evals(args, "scratch", f, n) if init != "scratch" else None
+                cells.append(cell(seed_evals(args, init, f, n), base))
         acc = (knn or {}).get(init)
         cells.append(f"{acc:.3f}" if acc is not None else "-")
         weights = args.work_dir / init / "last.pth"
         cells.append(f"{stem_lowpass(weights if init != 'scratch' else None):.2f}"
                      if init == "scratch" or weights.is_file() else "-")
         rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    recipe = " ".join(args.pretrained_set) or "the detector config's own"
+    return "\n".join(rows) + f"\nfine-tuning recipe of pre-trained backbones: {recipe}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -194,7 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1])
     p.add_argument("--pretrain-iters", type=int, default=120)
     p.add_argument("--pretrain-batch", type=int, default=32)
-    p.add_argument("--finetune-iters", type=int, default=150)
+    p.add_argument("--finetune-iters", nargs="+", type=int, default=[150],
+                   help="fine-tuning budgets; each gets its own runs and table column")
     p.add_argument("--data-root", default="data/shapes")
     p.add_argument("--work-dir", type=Path, default=Path("work_dirs/ssl_bench"))
     p.add_argument("--lock", default=None, help="flock this file around every training run")
@@ -203,6 +227,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-knn", action="store_true")
     p.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="overrides for every pre-training run (e.g. train.optimizer.type=LARS)")
+    p.add_argument("--pretrained-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for fine-tuning from a pre-trained backbone only "
+                        "(e.g. 'train.optimizer.lr_mult={backbone: 0.1}')")
     return p.parse_args(argv)
 
 
@@ -212,6 +239,11 @@ def main(argv=None) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     knn_file = args.work_dir / "knn.json"
     knn = json.loads(knn_file.read_text()) if knn_file.is_file() else {}
+    recipe_file = args.work_dir / "recipe.json"
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != args.pretrained_set:
+        raise SystemExit(f"{recipe_file} holds another --pretrained-set "
+                         f"({json.loads(recipe_file.read_text())}); use another --work-dir")
+    recipe_file.write_text(json.dumps(args.pretrained_set))
     crops = None
 
     def check(init: str, weights: Path | None) -> None:
@@ -229,14 +261,16 @@ def main(argv=None) -> None:
     # Results arrive in order (scratch, then method by method) so a cut-short run still has a table.
     check("scratch", None)
     for fraction in args.fractions:
-        for seed in args.seeds:
-            finetune(args, "scratch", fraction, None, seed)
+        for n in args.finetune_iters:
+            for seed in args.seeds:
+                finetune(args, "scratch", fraction, None, n, seed)
     for m in args.methods:
         weights = pretrain(args, m)
         check(m, weights)
         for fraction in args.fractions:
-            for seed in args.seeds:
-                finetune(args, m, fraction, weights, seed)
+            for n in args.finetune_iters:
+                for seed in args.seeds:
+                    finetune(args, m, fraction, weights, n, seed)
     print(table(args, args.methods, args.fractions, knn))
 
 
@@ -246,16 +280,19 @@ def run(args: argparse.Namespace) -> None:
     saved.work_dir = REPO / saved.work_dir
     knn_file = saved.work_dir / "knn.json"
     knn = json.loads(knn_file.read_text()) if knn_file.is_file() else None
+    recipe_file = saved.work_dir / "recipe.json"
+    saved.pretrained_set = json.loads(recipe_file.read_text()) if recipe_file.is_file() else []
     methods = [m for m in METHODS if (saved.work_dir / m).is_dir()]
-    # the fine-tuning work dirs ft_scratch_<fraction>[_s<seed>] (the driver's .log files share the prefix)
-    runs = [re.fullmatch(r"ft_scratch_([0-9.]+)(?:_s(\d+))?", p.name)
-            for p in saved.work_dir.glob("ft_scratch_*") if p.is_dir()]
-    fractions = sorted({float(m.group(1)) for m in runs if m})
-    saved.seeds = sorted({int(m.group(2) or 0) for m in runs if m}) or [0]
-    if not fractions:
+    # the fine-tuning work dirs ft_scratch_<fraction>_<iters>it[_s<seed>] (the .log files share the prefix)
+    runs = [FT_DIR.fullmatch(p.name) for p in saved.work_dir.glob("ft_scratch_*") if p.is_dir()]
+    runs = [m for m in runs if m]
+    if not runs:
         print(f"no results in {saved.work_dir}; measure with: python "
               f"tools/benchmarks/self_supervised.py --lock /tmp/detkit_heavy.lock")
         return
+    fractions = sorted({float(m.group(1)) for m in runs})
+    saved.finetune_iters = sorted({int(m.group(2)) for m in runs})
+    saved.seeds = sorted({int(m.group(3) or 0) for m in runs})
     print(table(saved, methods, fractions, knn))
 
 

@@ -1,0 +1,59 @@
+"""The self-supervised benchmark's table: one column per fine-tuning budget, seed means, gains."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from benchmarks import self_supervised as ssl_bench  # noqa: E402
+
+
+def _write_run(root: Path, name: str, ap50: float, ap: float) -> None:
+    run = root / name
+    run.mkdir(parents=True)
+    records = [{"mode": "train", "iter": 10, "time": 0.5},
+               {"mode": "val", "iter": 10, "bbox/AP50": ap50, "bbox/AP": ap}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_run_names_carry_budget_and_seed():
+    assert ssl_bench.ft_dir("byol", 0.1, 300, 0) == "ft_byol_0.1_300it"
+    assert ssl_bench.ft_dir("scratch", 0.1, 600, 2) == "ft_scratch_0.1_600it_s2"
+    match = ssl_bench.FT_DIR.fullmatch("ft_scratch_0.1_600it_s2")
+    assert match.groups() == ("0.1", "600", "2")
+
+
+def test_table_reports_each_budget_with_mean_and_min_seed_gain(tmp_path, monkeypatch):
+    bench = tmp_path / "work_dirs" / "ssl_bench"     # the default --work-dir under the repo
+    scratch = {150: [0.30, 0.32], 300: [0.33, 0.34]}
+    byol = {150: [0.38, 0.40], 300: [0.35, 0.33]}
+    for init, results in (("scratch", scratch), ("byol", byol)):
+        for n, per_seed in results.items():
+            for seed, ap50 in enumerate(per_seed):
+                _write_run(bench, ssl_bench.ft_dir(init, 0.1, n, seed), ap50, ap50 / 2)
+    (bench / "byol").mkdir()
+    (bench / "recipe.json").write_text(json.dumps(["train.optimizer.lr_mult={backbone: 0.1}"]))
+    monkeypatch.setattr(ssl_bench, "stem_lowpass", lambda weights: 0.16)
+    monkeypatch.setattr(ssl_bench, "REPO", tmp_path)
+    out = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: out.append(" ".join(map(str, a))))
+    ssl_bench.run(None)
+    text = "\n".join(out)
+    header, _, scratch_row, byol_row, recipe = text.splitlines()
+    assert "10% labels, 150 it" in header and "10% labels, 300 it" in header
+    assert scratch_row.startswith("| scratch |") and "gain" not in scratch_row
+    cells = [c.strip() for c in byol_row.split("|")[1:-1]]
+    # 150 it: (0.38 + 0.40) / 2, gains +0.08 and +0.08; 300 it: gains +0.02 and -0.01
+    assert cells[2] == "0.390 / 0.195 (0.380, 0.400); gain +0.080, min +0.080"
+    assert cells[3] == "0.340 / 0.170 (0.350, 0.330); gain +0.005, min -0.010"
+    assert recipe.endswith("train.optimizer.lr_mult={backbone: 0.1}")
+
+
+def test_no_results_names_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ssl_bench, "REPO", tmp_path)
+    ssl_bench.run(None)
+    assert "no results in" in capsys.readouterr().out
+    with pytest.raises(AttributeError):
+        ssl_bench.FT_DIR.fullmatch("ft_scratch_0.1").groups()
