@@ -132,14 +132,23 @@ class SegmentorExport(_Exportable):
         return logits.argmax(dim=1), logits
 
 
-def check_exportable(model: nn.Module, opset: int) -> None:
-    """Raise ExportError for layers without an ONNX form (deformable convs) and for settings the
-    graph cannot reproduce (generic test-time augmentation)."""
+def check_exportable(model: nn.Module, opset: int, dynamic: bool = False) -> None:
+    """Raise ExportError for layers without an ONNX form (deformable convs), for settings the
+    graph cannot reproduce (generic test-time augmentation) and for a dynamic height / width
+    through a module whose graph is fixed to the traced size (``fixed_export_size``: the ViT)."""
     from torchvision.ops import DeformConv2d
 
     from ..models.layers.deform_conv import DeformConvBlock
 
     for name, module in model.named_modules():
+        if dynamic and getattr(module, "fixed_export_size", False):
+            div = int(getattr(model, "size_divisibility", 1) or 1)
+            raise ExportError(
+                f"--dynamic: layer '{name or 'model'}' ({type(module).__name__}) is exported for one "
+                f"input size (its position embeddings and window grid are computed when the graph "
+                f"is traced), so height and width cannot be dynamic. Export without --dynamic at the "
+                f"size the config's test pipeline gives (e.g. its square resize): --size H W with "
+                f"H and W multiples of {div}")
         if isinstance(module, (DeformConvBlock, DeformConv2d)):
             raise ExportError(
                 f"layer '{name}' ({type(module).__name__}) is a deformable convolution: torchvision "
@@ -190,7 +199,7 @@ def export_onnx(model: nn.Module, out: str | Path, height: int, width: int, *, b
     if height % div or width % div:
         raise ExportError(f"--size {height} {width}: must be multiples of the model's "
                           f"size_divisibility ({div})")
-    check_exportable(model, opset)
+    check_exportable(model, opset, dynamic)
     wrapper = exportable(copy.deepcopy(model).cpu().eval())
     names = list(wrapper.output_names)
     example = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))

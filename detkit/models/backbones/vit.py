@@ -27,7 +27,8 @@ valid sizes (``size_divisibility`` = p * s is the padding a detector needs).
 
 Export: the TorchScript-based ONNX exporter gives a graph for the traced input size (the patch
 grid and windows are Python sizes); antialiased position embeddings are resampled there with two
-constant matrices, since ONNX (opset <= 17) has no antialiased bicubic.
+constant matrices, since ONNX (opset <= 17) has no antialiased bicubic. ``fixed_export_size``
+makes ``tools/export.py --dynamic`` an error naming the valid fixed sizes.
 
 Outputs: ``stage{i}`` (the tokens after ``i`` blocks; 0 = the embeddings), each
 Float[B, D, gh, gw], stride p.
@@ -230,6 +231,8 @@ class ViT(nn.Module):
         weights: a detkit / tools/pretrain.py checkpoint file, or a transformers ``Dinov2Model``
             (with registers) folder converted on load (its config must match these arguments).
     """
+
+    fixed_export_size = True     # see the module docstring, "Export"
 
     def __init__(self, *, patch_size: int = 14, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, out_indices: Sequence[int] = (12,), pretrain_image_size: int = 518,

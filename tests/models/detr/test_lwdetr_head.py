@@ -144,10 +144,11 @@ def test_shapes_config_trains_three_iterations(tmp_path):
 
 def test_fixed_size_onnx_export_equals_pytorch(tmp_path):
     """ViT + projector + LWDETRHead exported at a fixed size (the ViT's position embeddings are
-    traced at that size; ``--dynamic`` does not work for the ViT yet) and run by onnxruntime."""
+    traced at that size) and run by onnxruntime; ``dynamic=True`` is one ExportError naming the
+    valid sizes, before anything is written."""
     pytest.importorskip("onnxruntime")
     from detkit.deploy.check import sample_images
-    from detkit.deploy.export import export_onnx
+    from detkit.deploy.export import ExportError, export_onnx
     from detkit.deploy.runtime import DeployedModel
 
     cfg = detkit.load_config(CONFIGS / "rfdetr_nano_shapes.yaml")["model"]
@@ -160,6 +161,9 @@ def test_fixed_size_onnx_export_equals_pytorch(tmp_path):
     with torch.no_grad():
         for p in model.head.parameters():
             p.add_(torch.randn(p.shape) * 0.05)
+    with pytest.raises(ExportError, match=r"'backbone' \(ViT\).*multiples of 16"):
+        export_onnx(model, tmp_path / "dynamic.onnx", 128, 128, dynamic=True)
+    assert not (tmp_path / "dynamic.onnx").exists()
     export_onnx(model, tmp_path / "rfdetr.onnx", 128, 128)
     deployed = DeployedModel(tmp_path / "rfdetr.onnx", backend="onnxruntime")
     images = [sample_images(1, 128, 128, seed=s)[0] for s in (3, 4)]
