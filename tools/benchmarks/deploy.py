@@ -17,8 +17,10 @@ the model, decoding + NMS and mapping boxes back to the image. Columns:
 
 Models are random-weight (no downloads); CenterNet-R18 at 512 (letterbox), YOLOv3-D53 at 416,
 Faster R-CNN R50-FPN at short side 800, the shapes FPN segmentor (R18) at 512, D-FINE-N
-(HGNetv2-B0) and RT-DETRv2-R18vd at 640x640 (their COCO test pipeline resizes to 640x640; the
-graph keeps the top 300 queries, no NMS). Variants run alternately (one call each in turn,
+(HGNetv2-B0) and RT-DETRv2-R18vd at 640x640 and RF-DETR-Nano (windowed ViT-S/16) at 384x384
+(their COCO test pipelines resize to that square; the graph keeps the top 300 queries, no NMS).
+Graphs are exported with dynamic batch / height / width, except through a ViT (fixed to the
+padded input size: ``fixed_export_size``). Variants run alternately (one call each in turn,
 ``--repeats`` rounds after ``--warmup``); the minimum and the median of the repeats are
 reported, with the load average before and after (a busy second core stalls 2-thread runs).
 ``--threads`` sets torch's and the runtimes' intra-op threads; ``--size`` and
@@ -54,6 +56,7 @@ MODELS = {
     # NMS-free DETRs: top-300 queries in the graph; the configs' backbones already have weights: null
     "D-FINE-N 640": ("configs/dfine/dfine_n_coco.yaml", ["model.backbone.weights=null"]),
     "RT-DETRv2-R18vd 640": ("configs/rtdetr/rtdetr_v2_r18vd_coco.yaml", ["model.backbone.weights=null"]),
+    "RF-DETR-Nano 384": ("configs/rfdetr/rfdetr_nano_coco.yaml", []),
 }
 
 
@@ -84,7 +87,8 @@ def _variants(name: str, config: str, overrides: list[str], work: Path, threads:
     onnx = ckpt.with_suffix(".onnx")
     div = eager.model.size_divisibility
     height, width = (-(-int(n) // div) * div for n in tensor.shape[-2:])   # the padded size
-    export_onnx(copy.deepcopy(eager.model), onnx, height, width, dynamic=True)
+    fixed = any(getattr(m, "fixed_export_size", False) for m in eager.model.modules())
+    export_onnx(copy.deepcopy(eager.model), onnx, height, width, dynamic=not fixed)
     for backend in ("onnxruntime", "openvino"):
         variants[backend] = Predictor(cfg, onnx, score_thr=0.05, backend=backend,
                                       threads=threads).predict_arrays
