@@ -41,7 +41,8 @@ from .ops import SIZES_DEFAULT, image_hw, unpadded_sizes
 from .postprocess import OUTPUT_NAMES, detr_outputs, finalize, one_stage_candidates
 from .two_stage import mask_probabilities, roi_head_candidates, rpn_proposals
 
-__all__ = ["ExportError", "exportable", "export_onnx", "check_exportable", "SEG_OUTPUT_NAMES"]
+__all__ = ["ExportError", "exportable", "export_onnx", "check_exportable", "fixed_size_layer",
+           "SEG_OUTPUT_NAMES"]
 
 SEG_OUTPUT_NAMES = ("sem_seg", "sem_seg_logits")
 
@@ -132,6 +133,13 @@ class SegmentorExport(_Exportable):
         return logits.argmax(dim=1), logits
 
 
+def fixed_size_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first (name, module) whose graph is fixed to the traced input size
+    (``fixed_export_size``: the ViT), or None when height and width can be dynamic."""
+    return next(((n, m) for n, m in model.named_modules() if getattr(m, "fixed_export_size", False)),
+                None)
+
+
 def check_exportable(model: nn.Module, opset: int, dynamic: bool = False) -> None:
     """Raise ExportError for layers without an ONNX form (deformable convs), for settings the
     graph cannot reproduce (generic test-time augmentation) and for a dynamic height / width
@@ -140,15 +148,16 @@ def check_exportable(model: nn.Module, opset: int, dynamic: bool = False) -> Non
 
     from ..models.layers.deform_conv import DeformConvBlock
 
+    fixed = fixed_size_layer(model) if dynamic else None
+    if fixed is not None:
+        div = int(getattr(model, "size_divisibility", 1) or 1)
+        raise ExportError(
+            f"--dynamic: layer '{fixed[0] or 'model'}' ({type(fixed[1]).__name__}) is exported for "
+            f"one input size (its position embeddings and window grid are computed when the graph "
+            f"is traced), so height and width cannot be dynamic. Export without --dynamic at the "
+            f"size the config's test pipeline gives (e.g. its square resize): --size H W with "
+            f"H and W multiples of {div}")
     for name, module in model.named_modules():
-        if dynamic and getattr(module, "fixed_export_size", False):
-            div = int(getattr(model, "size_divisibility", 1) or 1)
-            raise ExportError(
-                f"--dynamic: layer '{name or 'model'}' ({type(module).__name__}) is exported for one "
-                f"input size (its position embeddings and window grid are computed when the graph "
-                f"is traced), so height and width cannot be dynamic. Export without --dynamic at the "
-                f"size the config's test pipeline gives (e.g. its square resize): --size H W with "
-                f"H and W multiples of {div}")
         if isinstance(module, (DeformConvBlock, DeformConv2d)):
             raise ExportError(
                 f"layer '{name}' ({type(module).__name__}) is a deformable convolution: torchvision "

@@ -70,7 +70,7 @@ def _variants(name: str, config: str, overrides: list[str], work: Path, threads:
     """{column: callable(image)} for one model family."""
     from detkit import Predictor
     from detkit.config import load_config
-    from detkit.deploy.export import export_onnx
+    from detkit.deploy.export import export_onnx, fixed_size_layer
 
     cfg = load_config(ROOT / config, overrides)
     eager = Predictor(cfg, None, score_thr=0.05)
@@ -87,8 +87,8 @@ def _variants(name: str, config: str, overrides: list[str], work: Path, threads:
     onnx = ckpt.with_suffix(".onnx")
     div = eager.model.size_divisibility
     height, width = (-(-int(n) // div) * div for n in tensor.shape[-2:])   # the padded size
-    fixed = any(getattr(m, "fixed_export_size", False) for m in eager.model.modules())
-    export_onnx(copy.deepcopy(eager.model), onnx, height, width, dynamic=not fixed)
+    dynamic = fixed_size_layer(eager.model) is None
+    export_onnx(copy.deepcopy(eager.model), onnx, height, width, dynamic=dynamic)
     for backend in ("onnxruntime", "openvino"):
         variants[backend] = Predictor(cfg, onnx, score_thr=0.05, backend=backend,
                                       threads=threads).predict_arrays
