@@ -138,14 +138,26 @@ def calibration_images(cfg: dict, *, folder: str | os.PathLike | None = None,
     if node is None:
         raise QuantizationError(f"--calib-split {split}: the config has no data.{split}.dataset")
     dataset = build_dataset_node(node, f"data.{split}.dataset", root=get_path(cfg, "data.root", None))
-    records = getattr(dataset, "records", None)
-    if records is None:
+    sources = _record_sources(dataset)
+    if sources is None:
         raise QuantizationError(f"--calib-split {split}: {type(dataset).__name__} has no image "
                                 f"records to calibrate on; use --calib DIR")
-    if len(dataset.records) == 0:
+    if not sources:
         raise QuantizationError(f"--calib-split {split}: the dataset is empty")
-    for i in _spread(count, len(dataset.records)):
-        yield dataset.read(dataset.records[i])
+    for i in _spread(count, len(sources)):
+        reader, record = sources[i]
+        yield reader.read(record)
+
+
+def _record_sources(dataset, depth: int = 0) -> list[tuple] | None:
+    """``(dataset, record)`` for every image under ``dataset``, through sample wrappers (Mosaic,
+    MixUp, subsets: ``.dataset``) and concatenations (``.datasets``); None if it has no records."""
+    if "records" in vars(dataset):
+        return [(dataset, r) for r in dataset.records]
+    parts = vars(dataset).get("datasets") or [vars(dataset).get("dataset")]
+    found = [f for d in parts if d is not None and depth < 8
+             if (f := _record_sources(d, depth + 1)) is not None]
+    return [pair for f in found for pair in f] if found else None
 
 
 class CalibrationSet:

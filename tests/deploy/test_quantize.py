@@ -139,6 +139,25 @@ def test_bad_calibration_input_is_one_clear_error(tmp_path):
         list(calibration_images(cfg, split="test"))
 
 
+def test_calib_split_reads_through_mosaic_and_concatenated_datasets(tmp_path):
+    """`--calib-split train` of a config whose train set is wrapped (YOLOv3's Mosaic) or two
+    concatenated sets: the images are the underlying records' (it used to refuse the Mosaic)."""
+    from detkit.data.io import read_image
+    from detkit.data.shapes import generate
+
+    root = generate(tmp_path / "shapes", num_train=4, num_val=2, size=32, seed=0)
+    cfg = load_config(ROOT / "configs/yolo/yolov3_tiny_shapes.yaml", [f"data.root={root}"])
+    assert cfg["data"]["train"]["dataset"]["type"] == "Mosaic"
+    files = sorted((root / "train").iterdir())
+    images = list(calibration_images(cfg, split="train", count=4))
+    assert len(images) == 4
+    for image, path in zip(images, files):
+        np.testing.assert_array_equal(image, read_image(path))
+    inner = cfg["data"]["train"]["dataset"]["dataset"]
+    cfg["data"]["train"]["dataset"] = {"type": "ConcatDataset", "datasets": [inner, dict(inner)]}
+    assert len(list(calibration_images(cfg, split="train", count=100))) == 8
+
+
 FASTER_RCNN = "configs/faster_rcnn/faster_rcnn_r18_fpn_shapes.yaml"
 
 

@@ -4,13 +4,15 @@ Accuracy (``QUANT_CHECKPOINTS=name=path,...``; rows without a checkpoint are ski
 model is exported (FP32 ONNX at its val size), quantized with ``detkit.deploy.quantize`` on 300
 train images through its test pipeline (ONNX Runtime QDQ and OpenVINO NNCF), and every artefact is
 evaluated on the shapes val set with ``detkit.deploy.evaluate.evaluate_exported`` (the same loader
-and evaluator as a checkpoint). Names: centernet, yolov3, faster_rcnn, segmentor.
+and evaluator as a checkpoint). Names: centernet, yolov3, yolov1, faster_rcnn,
+segmentor, dfine, rtdetr, rfdetr.
 
 Latency: random-weight COCO-size configs (CenterNet-R18 512, YOLOv3-D53 416, Faster R-CNN R50-FPN
-800 short side), one 640x480 image through the config's test pipeline, the padded batch and the
-runtime (decode + NMS in the graph); variants alternate, ``--repeats`` rounds after ``--warmup``,
-at 1 and 2 threads; minimum and median reported, with the load average before and after (a busy
-second core stalls 2-thread runs). Variants: PyTorch eager FP32 / BF16 autocast, ONNX Runtime
+800 short side, D-FINE-N 640, RF-DETR-Nano 384), one 640x480 image through the config's test
+pipeline, the padded batch and the runtime (decode + NMS or the DETRs' top-k in the graph);
+variants alternate, ``--repeats`` rounds after ``--warmup``, at 1 and 2 threads; minimum and
+median reported, with the load average before and after (a busy second core stalls 2-thread
+runs). Variants: PyTorch eager FP32 / BF16 autocast, ONNX Runtime
 FP32 / INT8, OpenVINO FP32 / BF16 (``INFERENCE_PRECISION_HINT``) / INT8.
 
     python tools/benchmark.py quant --repeats 10
@@ -40,6 +42,8 @@ LATENCY_MODELS = {
     "YOLOv3-D53 416": ("configs/yolo/yolov3_d53_416_coco.yaml", []),
     "Faster R-CNN R50-FPN 800": ("configs/faster_rcnn/faster_rcnn_r50_fpn_coco.yaml",
                                  ["model.backbone.weights=null"]),
+    "D-FINE-N 640": ("configs/dfine/dfine_n_coco.yaml", []),
+    "RF-DETR-Nano 384": ("configs/rfdetr/rfdetr_nano_coco.yaml", []),
 }
 ACCURACY_MODELS = {
     "centernet": "configs/centernet/centernet_r18_shapes.yaml",
@@ -47,6 +51,9 @@ ACCURACY_MODELS = {
     "yolov1": "configs/yolov1/yolov1_d53tiny_shapes.yaml",
     "faster_rcnn": "configs/faster_rcnn/faster_rcnn_r18_fpn_shapes.yaml",
     "segmentor": "configs/segmentation/seg_r18_shapes.yaml",
+    "dfine": "configs/dfine/dfine_n_shapes.yaml",
+    "rtdetr": "configs/rtdetr/rtdetr_v2_r18vd_shapes.yaml",
+    "rfdetr": "configs/rfdetr/rfdetr_nano_shapes.yaml",
 }
 
 
