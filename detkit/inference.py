@@ -248,7 +248,8 @@ class Predictor:
             initialised weights (for smoke tests only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
         score_thr: detections scoring below this are dropped (0 keeps all, e.g. for mAP).
-        amp: run under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
+        amp: run under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU); for an exported
+            model on OpenVINO, BF16 inference (``INFERENCE_PRECISION_HINT``); onnxruntime refuses it.
         batch_size: images per forward pass when a list is given.
         class_names: overrides the names found in the checkpoint / config / dataset.
         slice_size: when set, sliced inference (:mod:`detkit.slicing`): each image is cut into
@@ -293,7 +294,7 @@ class Predictor:
                              f"takes a checkpoint, onnxruntime / openvino an exported .onnx "
                              f"(openvino also an IR .xml) file")
         if self.backend != "pytorch":
-            self._init_deployed(config, checkpoint, device=str(device), threads=threads,
+            self._init_deployed(config, checkpoint, device=str(device), threads=threads, amp=amp,
                                 score_thr=score_thr, batch_size=batch_size, class_names=class_names)
             return
         ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
@@ -322,14 +323,16 @@ class Predictor:
             self.cfg, meta, num_classes, class_names)
         self.pipeline = InferencePipeline(self.cfg)
 
-    def _init_deployed(self, config, path, *, device: str, threads: int | None, score_thr: float,
-                       batch_size: int, class_names: Sequence[str] | None) -> None:
-        """The exported-model backend: a ``DeployedModel`` in place of the detector."""
+    def _init_deployed(self, config, path, *, device: str, threads: int | None, amp: bool,
+                       score_thr: float, batch_size: int, class_names: Sequence[str] | None) -> None:
+        """The exported-model backend: a ``DeployedModel`` in place of the detector (``amp``:
+        OpenVINO in BF16; onnxruntime refuses it)."""
         from .deploy.runtime import DeployedModel
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = DeployedModel(path, backend=self.backend, device=device, threads=threads)
+        self.model = DeployedModel(path, backend=self.backend, device=device, threads=threads,
+                                   precision="bf16" if amp else "f32")
         stored = self.model.stored_config()
         if config is None and stored is None:
             raise ConfigError(f"Predictor: no config given and {path}.json does not hold one")

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="metrics json path (default: metrics.json next to the checkpoint; "
                                  "file modes: not written unless given)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--amp", action="store_true",
+                   help="model mode: a checkpoint under autocast (bf16 on CPU, fp16 on CUDA); an "
+                        "exported model on OpenVINO in BF16 (onnxruntime refuses it)")
     p.add_argument("--pr-curves", metavar="DIR", help="write per-class PR-curve PNGs (COCO/VOC evaluators)")
     p.add_argument("--coco-gt", help="COCO annotation json (file mode)")
     p.add_argument("--coco-dt", help="COCO results json: a list of detections (file mode)")
@@ -109,7 +112,9 @@ def evaluate_model(args) -> tuple[dict, str]:
     load_model_weights(model, inference_state_dict(ckpt), source=args.checkpoint,
                        architecture=describe_checkpoint(ckpt))
     apply_converted_meta(model, ckpt.get("meta") or {})
-    metrics = inference_on_loader(model, loader, evaluator, device)
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=dtype, enabled=args.amp):
+        metrics = inference_on_loader(model, loader, evaluator, device)
     report = evaluator.report() if hasattr(evaluator, "report") else ""
     if not report:
         from detkit.evaluation import metrics_table
@@ -146,7 +151,7 @@ def _evaluate_exported(args, cfg: dict | None) -> tuple[dict, str]:
         from detkit.data.classes import resolve_num_classes
         cfg = resolve_num_classes(apply_overrides(stored, args.overrides), check=False)
     _build_val(args, cfg)          # the same checks and evaluator options as for a checkpoint
-    metrics = evaluate_exported(cfg, args.checkpoint, threads=None)
+    metrics = evaluate_exported(cfg, args.checkpoint, threads=None, precision="bf16" if args.amp else "f32")
     return metrics, metrics_table(metrics)
 
 

@@ -18,10 +18,10 @@ class ExportedEvalModel:
     training = False
 
     def __init__(self, path: str | os.PathLike, *, backend: str = "onnxruntime",
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "f32"):
         from .runtime import DeployedModel
 
-        self.deployed = DeployedModel(path, backend=backend, threads=threads)
+        self.deployed = DeployedModel(path, backend=backend, threads=threads, precision=precision)
 
     def eval(self) -> "ExportedEvalModel":
         return self
@@ -36,10 +36,11 @@ class ExportedEvalModel:
 
 
 def evaluate_exported(cfg: dict, path: str | os.PathLike, *, backend: str | None = None,
-                      threads: int | None = None) -> dict[str, float]:
+                      threads: int | None = None, precision: str = "f32") -> dict[str, float]:
     """The evaluator's metrics of the exported model ``path`` on ``cfg``'s ``data.val``.
 
-    ``backend`` defaults to OpenVINO for ``.xml`` files and ONNX Runtime otherwise.
+    ``backend`` defaults to OpenVINO for ``.xml`` files and BF16, ONNX Runtime otherwise;
+    ``precision="bf16"`` runs OpenVINO in BF16 (``DeployedModel``).
     """
     from ..engine.evaluate import build_val, inference_on_loader
 
@@ -48,6 +49,6 @@ def evaluate_exported(cfg: dict, path: str | os.PathLike, *, backend: str | None
         raise ValueError("config has no data.val or evaluation section to evaluate with")
     _, loader, evaluator = built
     if backend is None:
-        backend = "openvino" if str(path).lower().endswith(".xml") else "onnxruntime"
-    model = ExportedEvalModel(path, backend=backend, threads=threads)
+        backend = "openvino" if str(path).lower().endswith(".xml") or precision == "bf16" else "onnxruntime"
+    model = ExportedEvalModel(path, backend=backend, threads=threads, precision=precision)
     return inference_on_loader(model, loader, evaluator, torch.device("cpu"))  # type: ignore[arg-type]

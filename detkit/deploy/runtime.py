@@ -55,10 +55,12 @@ class DeployedModel:
         backend: ``onnxruntime`` (default) or ``openvino``.
         device: ``cpu`` or ``cuda[:N]`` (onnxruntime's CUDA provider, CPU fallback with a warning).
         threads: intra-op threads of the runtime (None: its default).
+        precision: ``f32`` (default: the checkpoint's numbers) or ``bf16`` (OpenVINO only: its
+            ``INFERENCE_PRECISION_HINT``, on CPUs with BF16 instructions).
     """
 
     def __init__(self, path: str | os.PathLike, *, backend: str = "onnxruntime", device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "f32"):
         if backend == "onnxruntime":
             from .onnx_runtime import OnnxRuntimeModel as Runtime
         elif backend == "openvino":
@@ -67,7 +69,11 @@ class DeployedModel:
             raise ValueError(f"backend '{backend}' cannot run {path}: use one of "
                              f"{', '.join(BACKENDS[1:])} for an exported .onnx file")
         self.path = Path(path)
-        self.runtime = Runtime(path, device=str(device), threads=threads)
+        if precision != "f32" and backend != "openvino":
+            raise ValueError(f"{path}: precision '{precision}' needs the openvino backend "
+                             f"(onnxruntime runs the graph's own precision)")
+        extra = {"precision": precision} if backend == "openvino" else {}
+        self.runtime = Runtime(path, device=str(device), threads=threads, **extra)
         info = self.runtime.info
         self.size_divisibility = int(info.get("input", {}).get("size_divisibility", 32))
         mean = info.get("input", {}).get("pixel_mean", list(IMAGENET_MEAN))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_eval_of_an_export_equals_eval_of_the_checkpoint(confident_model, tmp_pa
     results = {}
     for name, args in {"pth": [str(ROOT / config), str(ckpt)],
                        "onnx": [str(ROOT / config), str(onnx)],
-                       "onnx-alone": [str(onnx)]}.items():
+                       "onnx-alone": [str(onnx)],
+                       "onnx-bf16": [str(ROOT / config), str(onnx), "--amp"]}.items():
         out = tmp_path / f"{name}.json"
         assert main([*args, "--set", *overrides, "--out", str(out)]) == 0
         results[name] = json.loads(out.read_text())
@@ -50,3 +52,34 @@ def test_eval_of_an_export_equals_eval_of_the_checkpoint(confident_model, tmp_pa
     for name in ("onnx", "onnx-alone"):
         for key, value in results["pth"].items():
             assert results[name][key] == pytest.approx(value, abs=1e-4), (name, key)
+    # --amp on an export: OpenVINO in BF16 (chosen for a .onnx too); close to FP32, not exact
+    for key in ("bbox/AP", "bbox/AP50"):
+        assert results["onnx-bf16"][key] == pytest.approx(results["pth"][key], abs=0.05), key
+
+
+def test_bf16_runs_on_openvino_and_onnxruntime_refuses_it(confident_model, tmp_path):
+    import numpy as np
+
+    from detkit.deploy.runtime import DeployedModel
+    from detkit.inference import Predictor
+
+    pytest.importorskip("openvino")
+    model = confident_model("configs/centernet/centernet_r18_shapes.yaml")
+    onnx = tmp_path / "model.onnx"
+    export_onnx(model, onnx, 96, 96)
+    with pytest.raises(ValueError, match="precision 'bf16' needs the openvino backend"):
+        DeployedModel(onnx, backend="onnxruntime", precision="bf16")
+    with pytest.raises(ValueError, match="precision 'bf16' needs the openvino backend"):
+        Predictor("configs/centernet/centernet_r18_shapes.yaml", onnx, backend="onnxruntime", amp=True)
+    with pytest.raises(ValueError, match="f32 or bf16"):
+        DeployedModel(onnx, backend="openvino", precision="fp8")
+    images = torch.rand(1, 3, 96, 96).numpy()
+    f32 = DeployedModel(onnx, backend="openvino").runtime
+    config = "configs/centernet/centernet_r18_shapes.yaml"
+    bf16 = Predictor(config, onnx, backend="openvino", amp=True).model.runtime
+    assert "float32" in str(f32.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:   # elsewhere the plugin falls back to f32
+        assert "bfloat16" in str(bf16.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    a, b = f32(images)["scores"], bf16(images)["scores"]
+    np.testing.assert_allclose(b, a, atol=0.05)

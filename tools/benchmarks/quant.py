@@ -4,16 +4,16 @@ Accuracy (``QUANT_CHECKPOINTS=name=path,...``; rows without a checkpoint are ski
 model is exported (FP32 ONNX at its val size), quantized with ``detkit.deploy.quantize`` on 300
 train images through its test pipeline (ONNX Runtime QDQ and OpenVINO NNCF), and every artefact is
 evaluated on the shapes val set with ``detkit.deploy.evaluate.evaluate_exported`` (the same loader
-and evaluator as a checkpoint). Names: centernet, yolov3, yolov1, faster_rcnn,
-segmentor, dfine, rtdetr, rfdetr.
+and evaluator as a checkpoint), and so is the FP32 graph on OpenVINO in BF16 (``precision="bf16"``).
+Names: centernet, yolov3, yolov1, faster_rcnn, segmentor, dfine, rtdetr, rfdetr.
 
 Latency: random-weight COCO-size configs (CenterNet-R18 512, YOLOv3-D53 416, Faster R-CNN R50-FPN
-800 short side, D-FINE-N 640, RF-DETR-Nano 384), one 640x480 image through the config's test
-pipeline, the padded batch and the runtime (decode + NMS or the DETRs' top-k in the graph);
-variants alternate, ``--repeats`` rounds after ``--warmup``, at 1 and 2 threads; minimum and
-median reported, with the load average before and after (a busy second core stalls 2-thread
-runs). Variants: PyTorch eager FP32 / BF16 autocast, ONNX Runtime
-FP32 / INT8, OpenVINO FP32 / BF16 (``INFERENCE_PRECISION_HINT``) / INT8.
+800 short side, the R18-FPN segmentor 512, D-FINE-N 640, RF-DETR-Nano 384), one 640x480 image
+through the config's test pipeline, the padded batch and the runtime (decode + NMS or the DETRs'
+top-k in the graph); variants alternate, ``--repeats`` rounds after ``--warmup``, at 1 and 2
+threads; minimum and median reported, with the load average before and after (a busy second
+core stalls 2-thread runs). Variants: PyTorch eager FP32 / BF16 autocast, ONNX Runtime FP32 /
+INT8, OpenVINO FP32 / BF16 (``INFERENCE_PRECISION_HINT``) / INT8.
 
     python tools/benchmark.py quant --repeats 10
     QUANT_CHECKPOINTS=centernet=work_dirs/centernet_shapes/best.pth python tools/benchmark.py quant
@@ -42,6 +42,8 @@ LATENCY_MODELS = {
     "YOLOv3-D53 416": ("configs/yolo/yolov3_d53_416_coco.yaml", []),
     "Faster R-CNN R50-FPN 800": ("configs/faster_rcnn/faster_rcnn_r50_fpn_coco.yaml",
                                  ["model.backbone.weights=null"]),
+    "FPN segmentor R18 512": ("configs/segmentation/seg_r18_shapes.yaml",
+                              ["data.val.pipeline=[{type: Resize, height: 512, width: 512}]"]),
     "D-FINE-N 640": ("configs/dfine/dfine_n_coco.yaml", []),
     "RF-DETR-Nano 384": ("configs/rfdetr/rfdetr_nano_coco.yaml", []),
 }
@@ -118,11 +120,12 @@ def accuracy_rows(work: Path) -> list[list[str]]:
         files = _quantize_all(cfg, model, fp32, _calibration(cfg, model, fp32, 300))
         metric = ("sem_seg/mIoU",) if name == "segmentor" else ("bbox/AP", "bbox/AP50")
         results = {k: evaluate_exported(cfg, f) for k, f in files.items()}
+        results["bf16-ov"] = evaluate_exported(cfg, fp32, precision="bf16")
         for key in metric:
             base = results["fp32"][key]
             rows.append([name, key, f"{base:.3f}"]
                         + [f"{results[k][key]:.3f} ({results[k][key] - base:+.3f})"
-                           for k in ("int8-ort", "int8-ov")])
+                           for k in ("int8-ort", "int8-ov", "bf16-ov")])
     return rows
 
 
@@ -225,7 +228,7 @@ def run(args: argparse.Namespace) -> None:
         acc = accuracy_rows(work)
         if acc:
             print(markdown_table(["model", "metric", "FP32 (ORT)", "INT8 ORT (drop)",
-                                  "INT8 OpenVINO (drop)"], acc))
+                                  "INT8 OpenVINO (drop)", "BF16 OpenVINO (drop)"], acc))
             print("\nshapes val set; INT8 calibrated on 300 train images through the test pipeline\n")
         columns, rows = latency_rows(work, args)
     print(markdown_table(["model", "threads"] + [f"{c} min/median (ms)" for c in columns]
