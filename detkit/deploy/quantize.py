@@ -151,7 +151,8 @@ def calibration_images(cfg: dict, *, folder: str | os.PathLike | None = None,
 
 def _record_sources(dataset, depth: int = 0) -> list[tuple] | None:
     """``(dataset, record)`` for every image under ``dataset``, through sample wrappers (Mosaic,
-    MixUp, subsets: ``.dataset``) and concatenations (``.datasets``); None if it has no records."""
+    MixUp: ``.dataset``; a subset gives its whole parent) and concatenations (``.datasets``); None
+    if it has no records."""
     if "records" in vars(dataset):
         return [(dataset, r) for r in dataset.records]
     parts = vars(dataset).get("datasets") or [vars(dataset).get("dataset")]
