@@ -237,6 +237,11 @@ def load_input(item: Any, index: int = 0) -> tuple[np.ndarray, str]:
 # ---------------------------------------------------------------------------------------------
 # Predictor
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of inference with ``amp``: float16 on CUDA, bfloat16 elsewhere (CPU)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 class Predictor:
     """Run a detkit model on images: test pipeline, batching, ``inference_mode``, mapping back.
 
@@ -379,7 +384,7 @@ class Predictor:
         return [self._finish(out, meta) for out, meta in zip(outputs, metas)]
 
     def _amp_dtype(self) -> torch.dtype:
-        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return amp_dtype(self.device)
 
     def _finish(self, out: dict, meta: dict) -> dict:
         h0, w0 = (int(v) for v in meta["orig_size"])

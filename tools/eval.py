@@ -112,8 +112,9 @@ def evaluate_model(args) -> tuple[dict, str]:
     load_model_weights(model, inference_state_dict(ckpt), source=args.checkpoint,
                        architecture=describe_checkpoint(ckpt))
     apply_converted_meta(model, ckpt.get("meta") or {})
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    with torch.autocast(device.type, dtype=dtype, enabled=args.amp):
+    from detkit.inference import amp_dtype
+
+    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
         metrics = inference_on_loader(model, loader, evaluator, device)
     report = evaluator.report() if hasattr(evaluator, "report") else ""
     if not report:

@@ -35,17 +35,19 @@ import numpy as np
 import torch
 
 from benchmarks.common import markdown_table
+from benchmarks.deploy import MODELS as DEPLOY_MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
+# the deploy table's configs and overrides; Faster R-CNN without its num_classes=90 (that row
+# holds torchvision's COCO weights there), so it keeps the config's 80 classes here
 LATENCY_MODELS = {
-    "CenterNet-R18 512": ("configs/centernet/centernet_r18_coco.yaml", ["model.backbone.weights=null"]),
-    "YOLOv3-D53 416": ("configs/yolo/yolov3_d53_416_coco.yaml", []),
+    "CenterNet-R18 512": DEPLOY_MODELS["CenterNet-R18 512"],
+    "YOLOv3-D53 416": DEPLOY_MODELS["YOLOv3-D53 416"],
     "Faster R-CNN R50-FPN 800": ("configs/faster_rcnn/faster_rcnn_r50_fpn_coco.yaml",
                                  ["model.backbone.weights=null"]),
-    "FPN segmentor R18 512": ("configs/segmentation/seg_r18_shapes.yaml",
-                              ["data.val.pipeline=[{type: Resize, height: 512, width: 512}]"]),
-    "D-FINE-N 640": ("configs/dfine/dfine_n_coco.yaml", []),
-    "RF-DETR-Nano 384": ("configs/rfdetr/rfdetr_nano_coco.yaml", []),
+    "FPN segmentor R18 512": DEPLOY_MODELS["FPN segmentor R18 512"],
+    "D-FINE-N 640": DEPLOY_MODELS["D-FINE-N 640"],
+    "RF-DETR-Nano 384": DEPLOY_MODELS["RF-DETR-Nano 384"],
 }
 ACCURACY_MODELS = {
     "centernet": "configs/centernet/centernet_r18_shapes.yaml",
