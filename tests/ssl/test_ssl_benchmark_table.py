@@ -33,6 +33,7 @@ def test_table_reports_each_budget_with_mean_and_min_seed_gain(tmp_path, monkeyp
                 _write_run(bench, ssl_bench.ft_dir(init, 0.1, n, seed), ap50, ap50 / 2)
     (bench / "byol").mkdir()
     (bench / "recipe.json").write_text(json.dumps(["train.optimizer.lr_mult={backbone: 0.1}"]))
+    (bench / "knn.json").write_text(json.dumps({"scratch": 0.6, "scratch/rank": 10.2, "byol": 0.33}))
     monkeypatch.setattr(ssl_bench, "stem_lowpass", lambda weights: 0.16)
     monkeypatch.setattr(ssl_bench, "REPO", tmp_path)
     ssl_bench.run(None)
@@ -44,6 +45,9 @@ def test_table_reports_each_budget_with_mean_and_min_seed_gain(tmp_path, monkeyp
     assert cells[2] == "0.390 / 0.195 (0.380, 0.400); gain +0.080, min +0.080"
     assert cells[3] == "0.340 / 0.170 (0.350, 0.330); gain +0.005, min -0.010"
     assert recipe.endswith("train.optimizer.lr_mult={backbone: 0.1}")
+    assert "c5 eff. rank" in header
+    assert [c.strip() for c in scratch_row.split("|")[-4:-1]] == ["0.600", "10.2", "0.16"]
+    assert cells[-3:] == ["0.330", "-", "-"]   # k-NN saved before ranks existed; no checkpoint
 
 
 def test_no_results_names_the_command(tmp_path, monkeypatch, capsys):
@@ -51,3 +55,20 @@ def test_no_results_names_the_command(tmp_path, monkeypatch, capsys):
     ssl_bench.run(None)
     assert "no results in" in capsys.readouterr().out
     assert ssl_bench.FT_DIR.fullmatch("ft_scratch_0.1") is None     # the old name, without a budget
+
+
+def test_effective_rank_sees_dimensional_collapse():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    isotropic = torch.randn(4000, 16, generator=g)
+    assert 15.5 < ssl_bench.effective_rank(isotropic) <= 16.0
+    # one direction with all but a trace of the variance: what BYOL's c5 features look like here
+    direction = torch.randn(16, generator=g)
+    collapsed = torch.randn(4000, 1, generator=g) * direction + 0.01 * torch.randn(4000, 16, generator=g)
+    assert ssl_bench.effective_rank(collapsed) < 1.1
+    # two equal orthogonal directions: exactly 2
+    two = torch.zeros(1000, 16)
+    two[:500, 0], two[500:, 1] = 1.0, 1.0
+    two[::2] *= -1
+    assert abs(ssl_bench.effective_rank(two) - 2.0) < 1e-6

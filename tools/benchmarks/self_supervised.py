@@ -11,9 +11,10 @@ budget; then for each label fraction and each fine-tuning budget CenterNet-R18
 (``configs/centernet/centernet_r18_shapes.yaml``) is fine-tuned with ``data.train.subset=<fraction>``
 from scratch and from every pre-trained backbone, with the same recipe and iterations, and
 evaluated once at the end on shapes val; finally a weighted 20-NN classifier of frozen pooled c5
-features on object crops (train objects as the bank, val objects as queries, 64 x 64) checks the
-representations. Each cell is the mean over ``--seeds``; "gain" is the mean AP50 gain over scratch
-and, after "min", the smallest gain of a seed over scratch with the same seed. Steps whose outputs
+features on object crops (train objects as the bank, val objects as queries, 64 x 64) and the
+effective rank of those features on the val crops check the representations. Each cell is the
+mean over ``--seeds``; "gain" is the mean AP50 gain over scratch and, after "min", the smallest
+gain of a seed over scratch with the same seed. Steps whose outputs
 exist are skipped, so an interrupted run continues. ``--lock``: each training holds this file
 lock (flock) so that heavy jobs of a shared machine run one at a time; times exclude the wait
 (they are the sums of the logged step times). ``tools/benchmark.py self_supervised`` prints the
@@ -123,25 +124,39 @@ def finetune(args, init: str, fraction: float, weights: Path | None, n: int, see
     return {"eval": final_eval(run), "seconds": step_seconds(run)}
 
 
-def knn_accuracy(weights: Path | None, crops) -> float:
-    """Weighted 20-NN top-1 accuracy of pooled c5 features (random init when ``weights`` is None)."""
+def pooled_c5(weights: Path | None, images):
+    """Float[N,512] pooled c5 features of a frozen ResNet-18 (random init when ``weights`` is None)."""
     import torch
 
     from detkit.models.backbones import ResNet
     from detkit.models.detectors.base import IMAGENET_MEAN, IMAGENET_STD
-    from detkit.ssl.knn import knn_predict
 
     torch.manual_seed(0)
     net = ResNet(depth=18, out_features=["c5"], weights=str(weights) if weights else None).eval()
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-    @torch.no_grad()
-    def embed(images):
+    with torch.no_grad():
         return torch.cat([net((x - mean) / std)["c5"].mean(dim=(2, 3)) for x in images.split(256)])
 
+
+def knn_accuracy(weights: Path | None, crops) -> float:
+    """Weighted 20-NN top-1 accuracy of pooled c5 features (random init when ``weights`` is None)."""
+    from detkit.ssl.knn import knn_predict
+
     (bank, bank_labels), (queries, labels) = crops
-    predicted = knn_predict(embed(bank), bank_labels, embed(queries), num_classes=4, k=20)
+    predicted = knn_predict(pooled_c5(weights, bank), bank_labels, pooled_c5(weights, queries),
+                            num_classes=4, k=20)
     return float((predicted == labels).float().mean())
+
+
+def effective_rank(features) -> float:
+    """exp(entropy) of the normalised spectrum of the centred Float[N,C] features (Roy & Vetterli,
+    2007): C for isotropic features, 1 when one direction holds all the variance (dimensional
+    collapse, which ``feature_std`` of the pre-training log does not see)."""
+    import torch
+
+    s2 = torch.linalg.svdvals(features - features.mean(0)).double() ** 2
+    p = s2[s2 > 0] / s2.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def stem_lowpass(weights: Path | None) -> float:
@@ -192,7 +207,7 @@ def table(args, methods, fractions, knn: dict | None) -> str:
     budgets = args.finetune_iters
     head = ["backbone init", f"pre-training ({args.pretrain_iters} it x {args.pretrain_batch})"]
     head += [f"AP50 / AP, {f:.0%} labels, {n} it" for f in fractions for n in budgets]
-    head += ["k-NN acc.", "stem low-pass"]
+    head += ["k-NN acc.", "c5 eff. rank", "stem low-pass"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for init in ["scratch", *methods]:
         seconds = step_seconds(args.work_dir / init) if init != "scratch" else None
@@ -203,6 +218,8 @@ def table(args, methods, fractions, knn: dict | None) -> str:
                 cells.append(cell(seed_evals(args, init, f, n), base))
         acc = (knn or {}).get(init)
         cells.append(f"{acc:.3f}" if acc is not None else "-")
+        rank = (knn or {}).get(f"{init}/rank")
+        cells.append(f"{rank:.1f}" if rank is not None else "-")
         weights = args.work_dir / init / "last.pth"
         cells.append(f"{stem_lowpass(weights if init != 'scratch' else None):.2f}"
                      if init == "scratch" or weights.is_file() else "-")
@@ -249,13 +266,14 @@ def main(argv=None) -> None:
     def check(init: str, weights: Path | None) -> None:
         """k-NN accuracy of ``init``, saved as soon as it is known (a cut-short run keeps it)."""
         nonlocal crops
-        if args.skip_knn or init in knn:
+        if args.skip_knn or (init in knn and f"{init}/rank" in knn):
             return
         import torch
 
         torch.set_num_threads(1)
         crops = crops or load_crops(str(REPO / args.data_root))
         knn[init] = knn_accuracy(weights, crops)
+        knn[f"{init}/rank"] = effective_rank(pooled_c5(weights, crops[1][0]))
         knn_file.write_text(json.dumps(knn, indent=1))
 
     # Results arrive in order (scratch, then method by method) so a cut-short run still has a table.
