@@ -378,13 +378,10 @@ class Predictor:
             tensor, meta = self.pipeline(image)
             tensors.append(tensor)
             metas.append(meta)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp_dtype(),
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype(self.device),
                                                     enabled=self.amp):
             outputs = self.model([t.to(self.device, non_blocking=True) for t in tensors], metas)
         return [self._finish(out, meta) for out, meta in zip(outputs, metas)]
-
-    def _amp_dtype(self) -> torch.dtype:
-        return amp_dtype(self.device)
 
     def _finish(self, out: dict, meta: dict) -> dict:
         h0, w0 = (int(v) for v in meta["orig_size"])

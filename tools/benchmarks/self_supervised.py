@@ -14,8 +14,8 @@ evaluated once at the end on shapes val; finally a weighted 20-NN classifier of 
 features on object crops (train objects as the bank, val objects as queries, 64 x 64) and the
 effective rank of those features on the val crops check the representations. Each cell is the
 mean over ``--seeds``; "gain" is the mean AP50 gain over scratch and, after "min", the smallest
-gain of a seed over scratch with the same seed. Steps whose outputs
-exist are skipped, so an interrupted run continues. ``--lock``: each training holds this file
+gain of a seed over scratch with the same seed. Steps whose outputs exist are skipped, so an
+interrupted run continues. ``--lock``: each training holds this file
 lock (flock) so that heavy jobs of a shared machine run one at a time; times exclude the wait
 (they are the sums of the logged step times). ``tools/benchmark.py self_supervised`` prints the
 table of the results already in ``--work-dir``. ``--pretrain-set`` passes overrides to every
@@ -124,8 +124,9 @@ def finetune(args, init: str, fraction: float, weights: Path | None, n: int, see
     return {"eval": final_eval(run), "seconds": step_seconds(run)}
 
 
-def pooled_c5(weights: Path | None, images):
-    """Float[N,512] pooled c5 features of a frozen ResNet-18 (random init when ``weights`` is None)."""
+def pooled_c5(weights: Path | None, *image_sets) -> list:
+    """Float[N,512] pooled c5 features of each image set, from one frozen ResNet-18 (random init
+    when ``weights`` is None)."""
     import torch
 
     from detkit.models.backbones import ResNet
@@ -135,16 +136,15 @@ def pooled_c5(weights: Path | None, images):
     net = ResNet(depth=18, out_features=["c5"], weights=str(weights) if weights else None).eval()
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        return torch.cat([net((x - mean) / std)["c5"].mean(dim=(2, 3)) for x in images.split(256)])
+        return [torch.cat([net((x - mean) / std)["c5"].mean(dim=(2, 3)) for x in images.split(256)])
+                for images in image_sets]
 
 
-def knn_accuracy(weights: Path | None, crops) -> float:
-    """Weighted 20-NN top-1 accuracy of pooled c5 features (random init when ``weights`` is None)."""
+def knn_accuracy(bank, bank_labels, queries, labels) -> float:
+    """Weighted 20-NN top-1 accuracy of the query features against the labelled bank features."""
     from detkit.ssl.knn import knn_predict
 
-    (bank, bank_labels), (queries, labels) = crops
-    predicted = knn_predict(pooled_c5(weights, bank), bank_labels, pooled_c5(weights, queries),
-                            num_classes=4, k=20)
+    predicted = knn_predict(bank, bank_labels, queries, num_classes=4, k=20)
     return float((predicted == labels).float().mean())
 
 
@@ -264,7 +264,8 @@ def main(argv=None) -> None:
     crops = None
 
     def check(init: str, weights: Path | None) -> None:
-        """k-NN accuracy of ``init``, saved as soon as it is known (a cut-short run keeps it)."""
+        """k-NN accuracy and c5 effective rank of ``init``, saved as soon as they are known (a
+        cut-short run keeps them)."""
         nonlocal crops
         if args.skip_knn or (init in knn and f"{init}/rank" in knn):
             return
@@ -272,8 +273,10 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(1)
         crops = crops or load_crops(str(REPO / args.data_root))
-        knn[init] = knn_accuracy(weights, crops)
-        knn[f"{init}/rank"] = effective_rank(pooled_c5(weights, crops[1][0]))
+        (bank, bank_labels), (queries, labels) = crops
+        bank_features, query_features = pooled_c5(weights, bank, queries)
+        knn[init] = knn_accuracy(bank_features, bank_labels, query_features, labels)
+        knn[f"{init}/rank"] = effective_rank(query_features)
         knn_file.write_text(json.dumps(knn, indent=1))
 
     # Results arrive in order (scratch, then method by method) so a cut-short run still has a table.
